@@ -1,0 +1,252 @@
+"""Numba ``@njit`` kernels of the ``"cpu"`` backend.
+
+Two layouts of the canonical ``(outer, C, inner)`` view, as named twins:
+
+* ``*_planar``: ``inner > 1`` (NCHW, the course layout ``(C, m)``): each ``(o, c)`` row is a
+  contiguous run of one feature, cut into cache-sized chunks.
+* ``*_channels_last``: ``inner == 1`` (NC, NHWC): a 2-D ``(rows, C)`` array whose rows hold every
+  feature, processed in blocks of rows so the vector loop runs along C.
+
+Four steps, each one pass over memory, with the same names as the CUDA kernels:
+``batch_moments_*`` (statistics), ``scale_shift_*`` (fused normalize, y = x*scale + shift),
+``backward_reduce_*`` (sum dy, sum dy*(x-mean)), ``backward_elementwise_*`` (dx = k1*dy + k2*x + k3).
+
+Reductions give each thread its own slice of partial results (``prange`` over threads), then merge
+the partials serially in float64. Statistics are single-pass over memory: a chunk small enough to
+stay in cache is summed twice (mean, then squared deviations, both plain vectorizable loops) and
+the chunk's moments are merged with Chan's formula. Per-element Welford would need a divide per
+element and does not vectorize.
+
+Reductions take ``max_threads`` as an argument: calling ``numba.get_num_threads()`` inside a
+kernel makes it uncacheable (a dynamic global), and every process would recompile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# Reassociation lets LLVM vectorize the float64 reductions; no 'nnan'/'ninf', so NaN and Inf
+# still propagate to the statistics, where the non-finite check looks for them.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+KERNEL = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
+
+PLANAR_CHUNK = 4096        # elements of one row read twice from L1/L2 by batch_moments_planar
+BLOCK_ELEMENTS = 16384     # elements in a block of channels-last rows (64 KiB of float32)
+MIN_BLOCK_ROWS = 8         # keeps the per-block merge cheap when C is very large
+
+
+# ----------------------------------------------------------------------------- shared math
+@njit(inline="always", cache=True)
+def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan et al.'s parallel update: moments of the union of two disjoint sets."""
+    count = count_a + count_b
+    if count_b == 0.0:
+        return count_a, mean_a, m2_a
+    delta = mean_b - mean_a
+    ratio = count_b / count
+    return count, mean_a + delta * ratio, m2_a + m2_b + delta * delta * count_a * ratio
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH)
+def chunk_moments(x, start, stop):
+    """Count, mean and sum of squared deviations of the cache-resident run x[start:stop]."""
+    total = 0.0
+    for i in range(start, stop):
+        total += x[i]
+    count = float(stop - start)
+    mean = total / count
+    m2 = 0.0
+    for i in range(start, stop):
+        d = x[i] - mean
+        m2 += d * d
+    return count, mean, m2
+
+
+@njit(cache=True)
+def merge_thread_partials(count, mean, m2):
+    """Merge per-thread ``(T, C)`` partial moments into per-feature mean and biased variance."""
+    threads, features = count.shape
+    out_mean = np.empty(features)
+    out_var = np.empty(features)
+    for c in range(features):
+        n, mu, q = 0.0, 0.0, 0.0
+        for t in range(threads):
+            n, mu, q = chan_merge(n, mu, q, count[t, c], mean[t, c], m2[t, c])
+        out_mean[c] = mu
+        out_var[c] = q / n
+    return out_mean, out_var
+
+
+@njit(inline="always", cache=True)
+def thread_range(items, threads, t):
+    return items * t // threads, items * (t + 1) // threads
+
+
+@njit(inline="always", cache=True)
+def planar_item(item, features, n_chunks, chunk, inner):
+    """Which row ``(o, c)`` and which ``[start, stop)`` of it a planar work item covers."""
+    row = item // n_chunks
+    start = (item - row * n_chunks) * chunk
+    return row // features, row % features, start, min(start + chunk, inner)
+
+
+# ----------------------------------------------------------------------------- statistics
+@njit(**KERNEL)
+def batch_moments_planar(x, chunk, max_threads):
+    outer, features, inner = x.shape
+    n_chunks = (inner + chunk - 1) // chunk
+    items = outer * features * n_chunks
+    threads = max(1, min(max_threads, items))
+    count = np.zeros((threads, features))
+    mean = np.zeros((threads, features))
+    m2 = np.zeros((threads, features))
+    for t in prange(threads):
+        lo, hi = thread_range(items, threads, t)
+        for item in range(lo, hi):
+            o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
+            n_b, mean_b, m2_b = chunk_moments(x[o, c], start, stop)
+            count[t, c], mean[t, c], m2[t, c] = chan_merge(
+                count[t, c], mean[t, c], m2[t, c], n_b, mean_b, m2_b)
+    return merge_thread_partials(count, mean, m2)
+
+
+@njit(**KERNEL)
+def batch_moments_channels_last(x, block_rows, max_threads):
+    rows, features = x.shape
+    blocks = (rows + block_rows - 1) // block_rows
+    threads = max(1, min(max_threads, blocks))
+    count = np.zeros((threads, features))
+    mean = np.zeros((threads, features))
+    m2 = np.zeros((threads, features))
+    for t in prange(threads):
+        block_mean = np.empty(features)
+        block_m2 = np.empty(features)
+        lo, hi = thread_range(blocks, threads, t)
+        for b in range(lo, hi):
+            r0 = b * block_rows
+            r1 = min(r0 + block_rows, rows)
+            n_b = float(r1 - r0)
+            block_mean[:] = 0.0
+            for r in range(r0, r1):
+                for c in range(features):
+                    block_mean[c] += x[r, c]
+            for c in range(features):
+                block_mean[c] /= n_b
+            block_m2[:] = 0.0
+            for r in range(r0, r1):
+                for c in range(features):
+                    d = x[r, c] - block_mean[c]
+                    block_m2[c] += d * d
+            for c in range(features):
+                count[t, c], mean[t, c], m2[t, c] = chan_merge(
+                    count[t, c], mean[t, c], m2[t, c], n_b, block_mean[c], block_m2[c])
+    return merge_thread_partials(count, mean, m2)
+
+
+# ----------------------------------------------------------------------------- forward
+# Coefficients are float64: x*scale + shift cancels when |mean| >> std, and a float32 shift
+# would carry an absolute error of |mean|/std * 6e-8. The pass is memory-bound, so the wider
+# arithmetic is free; each element is loaded in its dtype and rounded once at the store.
+@njit(**KERNEL)
+def scale_shift_planar(x, scale, shift, chunk, y):
+    outer, features, inner = x.shape
+    n_chunks = (inner + chunk - 1) // chunk
+    for item in prange(outer * features * n_chunks):
+        o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
+        a = scale[c]
+        b = shift[c]
+        xr = x[o, c]
+        yr = y[o, c]
+        for i in range(start, stop):
+            yr[i] = xr[i] * a + b
+
+
+@njit(**KERNEL)
+def scale_shift_channels_last(x, scale, shift, y):
+    rows, features = x.shape
+    for r in prange(rows):
+        for c in range(features):
+            y[r, c] = x[r, c] * scale[c] + shift[c]
+
+
+# ----------------------------------------------------------------------------- backward
+@njit(**KERNEL)
+def backward_reduce_planar(dy, x, mean, chunk, max_threads):
+    outer, features, inner = x.shape
+    n_chunks = (inner + chunk - 1) // chunk
+    items = outer * features * n_chunks
+    threads = max(1, min(max_threads, items))
+    sum_dy = np.zeros((threads, features))
+    sum_dy_xmu = np.zeros((threads, features))
+    for t in prange(threads):
+        lo, hi = thread_range(items, threads, t)
+        for item in range(lo, hi):
+            o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
+            mu = mean[c]
+            dyr = dy[o, c]
+            xr = x[o, c]
+            s = 0.0
+            p = 0.0
+            for i in range(start, stop):
+                g = dyr[i]
+                s += g
+                p += g * (xr[i] - mu)
+            sum_dy[t, c] += s
+            sum_dy_xmu[t, c] += p
+    return sum_dy.sum(axis=0), sum_dy_xmu.sum(axis=0)
+
+
+@njit(**KERNEL)
+def backward_reduce_channels_last(dy, x, mean, block_rows, max_threads):
+    rows, features = x.shape
+    blocks = (rows + block_rows - 1) // block_rows
+    threads = max(1, min(max_threads, blocks))
+    sum_dy = np.zeros((threads, features))
+    sum_dy_xmu = np.zeros((threads, features))
+    for t in prange(threads):
+        s = np.zeros(features)
+        p = np.zeros(features)
+        lo, hi = thread_range(blocks, threads, t)
+        for r in range(lo * block_rows, min(hi * block_rows, rows)):
+            for c in range(features):
+                g = dy[r, c]
+                s[c] += g
+                p[c] += g * (x[r, c] - mean[c])
+        sum_dy[t] = s
+        sum_dy_xmu[t] = p
+    return sum_dy.sum(axis=0), sum_dy_xmu.sum(axis=0)
+
+
+@njit(**KERNEL)
+def backward_elementwise_planar(dy, x, k1, k2, k3, chunk, dx):
+    outer, features, inner = x.shape
+    n_chunks = (inner + chunk - 1) // chunk
+    for item in prange(outer * features * n_chunks):
+        o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
+        a = k1[c]
+        b = k2[c]
+        d = k3[c]
+        dyr = dy[o, c]
+        xr = x[o, c]
+        dxr = dx[o, c]
+        for i in range(start, stop):
+            dxr[i] = dyr[i] * a + xr[i] * b + d
+
+
+@njit(**KERNEL)
+def backward_elementwise_channels_last(dy, x, k1, k2, k3, dx):
+    rows, features = x.shape
+    for r in prange(rows):
+        for c in range(features):
+            dx[r, c] = dy[r, c] * k1[c] + x[r, c] * k2[c] + k3[c]
+
+
+def planar_chunk(inner: int) -> int:
+    """Equal chunks of at most PLANAR_CHUNK elements, so no chunk is a sliver."""
+    n_chunks = -(-inner // PLANAR_CHUNK)
+    return -(-inner // n_chunks)
+
+
+def channels_last_block_rows(features: int) -> int:
+    return max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // features)
