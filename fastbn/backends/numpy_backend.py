@@ -20,8 +20,10 @@ def _column(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def moments(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = x3.mean(axis=_REDUCE, keepdims=True)
-    var = ((x3 - mean) ** 2).mean(axis=_REDUCE)
+    # NaN/Inf input is reported by the caller's non-finite check, not by a NumPy warning.
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = x3.mean(axis=_REDUCE, keepdims=True)
+        var = ((x3 - mean) ** 2).mean(axis=_REDUCE)
     return mean.ravel().astype(np.float64), var.astype(np.float64)
 
 

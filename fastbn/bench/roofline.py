@@ -1,0 +1,160 @@
+"""Memory roofline: how many bytes each pass must move, and how fast this machine moves them.
+
+Batch normalization does almost no arithmetic per byte, so its speed limit is memory bandwidth.
+The roofline time of a pass is ``streams x tensor bytes / bandwidth``: the time the pass would
+take if every unavoidable read and write of the tensor ran at the measured streaming rate.
+This module is the one place that arithmetic and the bandwidth measurement live; the CLI report
+and the pytest-benchmark suite both use it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# Full passes of the tensor each operation cannot avoid (minimum traffic, whatever the kernel):
+# forward-train reads x for the statistics, then reads x and writes y; eval reads x and writes y;
+# backward reads dy and x to reduce, then reads dy and x and writes dx; moments reads x once.
+PASS_STREAMS: dict[str, int] = {
+    "forward-train": 3,
+    "forward-eval": 2,
+    "backward": 5,
+    "moments": 1,
+}
+PASSES: tuple[str, ...] = tuple(PASS_STREAMS)
+
+DEFAULT_BANDWIDTH_RUNS = 7
+MIN_BANDWIDTH_BYTES = 256 * 2**20
+L3_MULTIPLE = 8  # the stream array is this many times the L3 size, so the cache cannot help
+
+
+def bytes_moved(operation: str, tensor_bytes: int) -> int:
+    """Minimum bytes an ``operation`` moves over a tensor of ``tensor_bytes`` bytes."""
+    try:
+        return PASS_STREAMS[operation] * int(tensor_bytes)
+    except KeyError:
+        raise ValueError(f"unknown pass {operation!r}; choose one of {PASSES}") from None
+
+
+def gb_per_s(n_bytes: float, seconds: float) -> float:
+    """Effective bandwidth in GB/s (10**9 bytes per second)."""
+    return n_bytes / seconds / 1e9
+
+
+def roofline_percent(n_bytes: float, seconds: float, bandwidth_gb_s: float) -> float:
+    """Roofline time over measured time, in percent (100 means running at the bandwidth limit)."""
+    return 100.0 * (n_bytes / (bandwidth_gb_s * 1e9)) / seconds
+
+
+# ----------------------------------------------------------------------------- measurement
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _stream_read(a):
+    total = 0.0
+    for i in prange(a.size):
+        total += a[i]
+    return total
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _stream_read_write(a, out, factor):
+    for i in prange(a.size):
+        out[i] = a[i] * factor
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Best-of-N streaming rates of this machine, in GB/s.
+
+    ``read_gb_s`` counts the bytes read by a parallel sum; ``read_write_gb_s`` counts the bytes
+    read plus the bytes written by a parallel scale (``out = a * k``), not the extra
+    read-for-ownership traffic the hardware adds for the writes.
+    """
+
+    read_gb_s: float
+    read_write_gb_s: float
+    array_bytes: int
+    runs: int
+    threads: int
+
+    @property
+    def roofline_gb_s(self) -> float:
+        """The roofline denominator: the faster of the two streams.
+
+        It is the fastest rate this machine was seen to move bytes, so a percentage of it is
+        never flattering: a pass that writes pays for its writes and cannot reach 100 %.
+        """
+        return max(self.read_gb_s, self.read_write_gb_s)
+
+    @property
+    def roofline_source(self) -> str:
+        return "read" if self.read_gb_s >= self.read_write_gb_s else "read+write"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "roofline_gb_s": self.roofline_gb_s,
+                "roofline_source": self.roofline_source}
+
+
+def l3_cache_bytes() -> int | None:
+    """Size of the largest CPU cache reported by Linux sysfs, or None where unknown."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if text and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes) if sizes else None
+
+
+def default_bandwidth_bytes() -> int:
+    """Stream array size: 8x the last-level cache, at least 256 MiB."""
+    cache = l3_cache_bytes() or 0
+    return max(MIN_BANDWIDTH_BYTES, L3_MULTIPLE * cache)
+
+
+def _best_seconds(run, runs: int) -> float:
+    run()  # compile (or load from cache) and fault in the pages, untimed
+    best = math.inf
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_bandwidth(array_bytes: int | None = None,
+                      runs: int = DEFAULT_BANDWIDTH_RUNS) -> Bandwidth:
+    """Measure streaming read and read+write bandwidth with Numba parallel kernels.
+
+    Parameters
+    ----------
+    array_bytes : int, optional
+        Size of the streamed array (default: :func:`default_bandwidth_bytes`). Smaller than the
+        cache measures the cache, not memory; tests use that to stay fast.
+    runs : int
+        Timed runs after one warm-up; the best is kept (noise only ever slows a run down).
+    """
+    array_bytes = int(array_bytes or default_bandwidth_bytes())
+    a = np.ones(max(1, array_bytes // 8), dtype=np.float64)
+    out = np.empty_like(a)
+    read_s = _best_seconds(lambda: _stream_read(a), runs)
+    read_write_s = _best_seconds(lambda: _stream_read_write(a, out, 0.5), runs)
+    return Bandwidth(read_gb_s=gb_per_s(a.nbytes, read_s),
+                     read_write_gb_s=gb_per_s(2 * a.nbytes, read_write_s),
+                     array_bytes=int(a.nbytes), runs=runs, threads=numba.get_num_threads())
