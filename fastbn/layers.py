@@ -92,11 +92,13 @@ class BatchNorm:
         return load(self.backend or "numpy").to_host(a)
 
     def _assign(self, name: str, host_value: np.ndarray) -> None:
-        """Overwrite a parameter, gradient or buffer, in place where it is a NumPy array so
-        references taken through ``params``/``grads`` stay live."""
+        """Overwrite a parameter, gradient or buffer, in place where it is a NumPy or Numba
+        device array so references taken through ``params``/``grads`` stay live."""
         current = getattr(self, name)
         if isinstance(current, np.ndarray):
             current[...] = host_value
+        elif hasattr(current, "copy_to_device"):  # a Numba device array (backend "cuda")
+            current.copy_to_device(np.ascontiguousarray(host_value, dtype=current.dtype))
         else:
             setattr(self, name, self._store(host_value.astype(self.dtype)))
 

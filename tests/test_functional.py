@@ -196,3 +196,40 @@ def test_mixed_dtype_dy_is_cast_to_input_dtype(backend):
     dx, _, _ = fastbn.batch_norm_backward(dy, x, None, mean, invstd, backend=backend)
     assert dx.dtype == np.float32
     ref.assert_close(dx, ref.backward(dy.astype(np.float32), x)[0], np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,axis", [((3, 2, 5), 1), ((7, 3), -1)])
+def test_out_arrays_receive_results_and_may_alias_inputs(backend, shape, axis):
+    x = make(shape, np.float32)
+    dy = make(shape, np.float32, seed=4)
+    y_new, mean, invstd = fastbn.batch_norm_forward(x, axis=axis, backend=backend)
+    dx_new, _, _ = fastbn.batch_norm_backward(dy, x, None, mean, invstd, axis=axis,
+                                              backend=backend)
+    out = np.empty_like(x)
+    y, _, _ = fastbn.batch_norm_forward(x, axis=axis, backend=backend, out=out)
+    assert y is out
+    np.testing.assert_array_equal(out, y_new)
+    dx, _, _ = fastbn.batch_norm_backward(dy, x, None, mean, invstd, axis=axis,
+                                          backend=backend, out=dy)
+    assert dx is dy
+    np.testing.assert_array_equal(dy, dx_new)
+    rm, rv = np.zeros(shape[axis], np.float32), np.ones(shape[axis], np.float32)
+    in_place = x.copy()
+    assert fastbn.batch_norm(in_place, rm, rv, training=True, axis=axis, backend=backend,
+                             out=in_place) is in_place
+    np.testing.assert_array_equal(in_place, y_new)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_out_arrays(backend):
+    x = make((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"out has shape \(4, 4\) but x has shape \(4, 3\)"):
+        fastbn.batch_norm_forward(x, backend=backend, out=np.empty((4, 4), np.float32))
+    with pytest.raises(TypeError, match="out must have x's dtype float32, got float64"):
+        fastbn.batch_norm_forward(x, backend=backend, out=np.empty((4, 3)))
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises((TypeError, ValueError), match="out must be"):
+        fastbn.batch_norm(x, rm, rv, training=True, backend=backend,
+                          out=np.empty((3, 4), np.float32).T)
+    np.testing.assert_array_equal(rm, 0.0)  # rejected before the running stats moved

@@ -11,18 +11,25 @@ functions, so the functional layer can call any of them without knowing what run
     Whether ``x`` already lives where this backend computes (GPU arrays for ``"cuda"``).
 ``canonical(x, shape3)``
     The ``(outer, C, inner)`` view of ``x`` (a contiguous copy only where a view is impossible).
+``astype(a, dtype)``
+    ``a`` converted to ``dtype`` (``a`` itself when it already has it); device arrays have no
+    ``.astype`` method, so the functional layer casts through the backend.
 ``to_output(y, like)``
     Hand a result back in the kind of array the caller passed (``like``).
 ``to_host(a)``
     A NumPy copy of a backend array.
 ``moments(x3) -> (mean, var)``
     Per-feature mean and biased variance, shape ``(C,)``, float64.
-``normalize(x3, mean, var, gamma, beta, eps) -> (y3, invstd)``
-    ``y = (x - mean) * invstd * gamma + beta`` as one multiply-add per element.
+``output_view(out, shape3, name)``
+    The canonical view of a caller-supplied output array (``out=``), checked to be writeable
+    and contiguous so results land in it.
+``normalize(x3, mean, var, gamma, beta, eps, out3=None) -> (y3, invstd)``
+    ``y = (x - mean) * invstd * gamma + beta`` as one multiply-add per element, written to
+    ``out3`` when given (it may be ``x3`` itself).
 ``update_running_stats(running_mean, running_var, mean, var, count, momentum)``
     Exponentially weighted update in place, with the unbiased variance.
-``backward(dy3, x3, gamma, mean, invstd, batch_stats) -> (dx3, dgamma, dbeta)``
-    One reduction pass and one elementwise pass.
+``backward(dy3, x3, gamma, mean, invstd, batch_stats, out3=None) -> (dx3, dgamma, dbeta)``
+    One reduction pass and one elementwise pass; ``dx`` written to ``out3`` when given.
 ``nonfinite_features(mean, var) -> numpy.ndarray``
     Indices of features whose statistics are NaN or infinite.
 

@@ -12,8 +12,8 @@ import numba
 import numpy as np
 
 from . import cpu_kernels as k
-from .host import (asarray, backward_coefficients, canonical, is_native,  # noqa: F401
-                   nonfinite_features, per_feature, to_host, to_output, unavailable_reason,
+from .host import (asarray, astype, backward_coefficients, canonical, is_native,  # noqa: F401
+                   nonfinite_features, output_view, per_feature, to_host, to_output, unavailable_reason,
                    update_running_stats)
 
 NAME = "cpu"
@@ -47,36 +47,38 @@ def moments(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                    numba.get_num_threads())
 
 
-def normalize(x3, mean, var, gamma, beta, eps):
+def normalize(x3, mean, var, gamma, beta, eps, out3=None):
     features = x3.shape[1]
     invstd = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
     scale = per_feature(gamma, features, 1.0) * invstd
     shift = per_feature(beta, features, 0.0) - np.asarray(mean, dtype=np.float64) * scale
-    y3 = np.empty_like(x3)
+    y3 = np.empty_like(x3) if out3 is None else out3
     if x3.shape[2] == 1:
-        _launch(k.scale_shift_channels_last, _rows(x3), scale, shift, _rows(y3))
+        _launch(k.scale_shift_channels_last, _rows(x3), scale, shift, numba.get_num_threads(),
+                _rows(y3))
     else:
-        _launch(k.scale_shift_planar, x3, scale, shift, k.planar_chunk(x3.shape[2]), y3)
+        _launch(k.scale_shift_planar, x3, scale, shift, k.planar_chunk(x3.shape[2]),
+                numba.get_num_threads(), y3)
     return y3, invstd
 
 
-def backward(dy3, x3, gamma, mean, invstd, batch_stats):
+def backward(dy3, x3, gamma, mean, invstd, batch_stats, out3=None):
     outer, features, inner = x3.shape
     mean = np.asarray(mean, dtype=np.float64)
     invstd = np.asarray(invstd, dtype=np.float64)
     if inner == 1:
         sum_dy, sum_dy_xmu = _launch(k.backward_reduce_channels_last, _rows(dy3), _rows(x3),
-                                     mean, k.channels_last_block_rows(features),
-                                     numba.get_num_threads())
+                                     mean, numba.get_num_threads())
     else:
         sum_dy, sum_dy_xmu = _launch(k.backward_reduce_planar, dy3, x3, mean,
                                      k.planar_chunk(inner), numba.get_num_threads())
     k1, k2, k3 = backward_coefficients(per_feature(gamma, features, 1.0), mean, invstd,
                                        sum_dy, sum_dy_xmu, outer * inner, batch_stats)
-    dx3 = np.empty_like(x3)
+    dx3 = np.empty_like(x3) if out3 is None else out3
     if inner == 1:
         _launch(k.backward_elementwise_channels_last, _rows(dy3), _rows(x3), k1, k2, k3,
-                _rows(dx3))
+                numba.get_num_threads(), _rows(dx3))
     else:
-        _launch(k.backward_elementwise_planar, dy3, x3, k1, k2, k3, k.planar_chunk(inner), dx3)
+        _launch(k.backward_elementwise_planar, dy3, x3, k1, k2, k3, k.planar_chunk(inner),
+                numba.get_num_threads(), dx3)
     return dx3, sum_dy_xmu * invstd, sum_dy

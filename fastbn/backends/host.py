@@ -32,8 +32,21 @@ def canonical(x: np.ndarray, shape3: tuple[int, int, int]) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(shape3)
 
 
+def output_view(out: Any, shape3: tuple[int, int, int], name: str) -> np.ndarray:
+    """The canonical view of a caller's output array, which results are written through."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"{name} must be a writeable C-contiguous array")
+    return out.reshape(shape3)
+
+
 def to_output(y: np.ndarray, like: Any) -> np.ndarray:
     return y
+
+
+def astype(a: np.ndarray, dtype: Any) -> np.ndarray:
+    return a if a.dtype == dtype else a.astype(dtype)
 
 
 def to_host(a: Any) -> np.ndarray:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .host import (asarray, canonical, is_native, nonfinite_features, per_feature,  # noqa: F401
-                   to_host, to_output, unavailable_reason, update_running_stats)
+from .host import (asarray, astype, canonical, is_native, nonfinite_features, output_view,  # noqa: F401
+                   per_feature, to_host, to_output, unavailable_reason, update_running_stats)
 
 NAME = "numpy"
 _REDUCE = (0, 2)  # every axis of (outer, C, inner) but the features
@@ -27,15 +27,22 @@ def moments(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.ravel().astype(np.float64), var.astype(np.float64)
 
 
-def normalize(x3, mean, var, gamma, beta, eps):
+def _written(result: np.ndarray, out3: np.ndarray | None) -> np.ndarray:
+    if out3 is None:
+        return result
+    out3[...] = result
+    return out3
+
+
+def normalize(x3, mean, var, gamma, beta, eps, out3=None):
     C, dtype = x3.shape[1], x3.dtype
     invstd = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
     x_hat = (x3 - _column(np.asarray(mean), dtype)) * _column(invstd, dtype)
     y = _column(per_feature(gamma, C, 1.0), dtype) * x_hat + _column(per_feature(beta, C, 0.0), dtype)
-    return y, invstd
+    return _written(y, out3), invstd
 
 
-def backward(dy3, x3, gamma, mean, invstd, batch_stats):
+def backward(dy3, x3, gamma, mean, invstd, batch_stats, out3=None):
     C, dtype = x3.shape[1], x3.dtype
     n = x3.shape[0] * x3.shape[2]
     gamma = per_feature(gamma, C, 1.0)
@@ -50,4 +57,4 @@ def backward(dy3, x3, gamma, mean, invstd, batch_stats):
             - x_hat * (dx_hat * x_hat).sum(axis=_REDUCE, keepdims=True))
     else:
         dx = dx_hat * _column(np.asarray(invstd), dtype)
-    return dx.astype(dtype, copy=False), dgamma, dbeta
+    return _written(dx.astype(dtype, copy=False), out3), dgamma, dbeta

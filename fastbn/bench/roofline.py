@@ -28,6 +28,14 @@ PASS_STREAMS: dict[str, int] = {
     "moments": 1,
 }
 PASSES: tuple[str, ...] = tuple(PASS_STREAMS)
+# The same streams as (read-only streams, read+write pairs), to say how close to the roofline a
+# pass can get on this machine: writes stream slower than reads.
+PASS_MIX: dict[str, tuple[int, int]] = {
+    "forward-train": (1, 1),
+    "forward-eval": (0, 1),
+    "backward": (3, 1),
+    "moments": (1, 0),
+}
 
 DEFAULT_BANDWIDTH_RUNS = 7
 MIN_BANDWIDTH_BYTES = 256 * 2**20
@@ -95,9 +103,17 @@ class Bandwidth:
     def roofline_source(self) -> str:
         return "read" if self.read_gb_s >= self.read_write_gb_s else "read+write"
 
+    def attainable_percent(self, operation: str) -> float:
+        """% of roofline a pass would reach streaming its reads at the read rate and its
+        read+write pairs at the read+write rate: the practical ceiling on this machine."""
+        reads, pairs = PASS_MIX[operation]
+        best_time = reads / self.read_gb_s + 2 * pairs / self.read_write_gb_s
+        return 100.0 * (PASS_STREAMS[operation] / self.roofline_gb_s) / best_time
+
     def to_dict(self) -> dict:
         return {**asdict(self), "roofline_gb_s": self.roofline_gb_s,
-                "roofline_source": self.roofline_source}
+                "roofline_source": self.roofline_source,
+                "attainable_percent": {op: self.attainable_percent(op) for op in PASSES}}
 
 
 def l3_cache_bytes() -> int | None:
@@ -136,6 +152,39 @@ def _best_seconds(run, runs: int) -> float:
         run()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+GPU_MIN_BANDWIDTH_BYTES = 1 << 30  # far beyond any GPU's L2 (50 MiB on an H100)
+
+
+def measure_gpu_bandwidth(array_bytes: int | None = None,
+                          runs: int = DEFAULT_BANDWIDTH_RUNS) -> Bandwidth:
+    """Device-memory bandwidth of the current CUDA GPU, measured like :func:`measure_bandwidth`
+    with Numba CUDA grid-stride kernels (the denominator of the cuda rows' roofline)."""
+    from numba import cuda
+
+    from .gpu_streams import stream_read as read, stream_read_write as read_write
+    free_bytes = cuda.current_context().get_memory_info()[0]
+    array_bytes = int(array_bytes or min(GPU_MIN_BANDWIDTH_BYTES, free_bytes // 4))
+    a = cuda.to_device(np.ones(max(1, array_bytes // 8), dtype=np.float64))
+    out = cuda.device_array_like(a)
+    total = cuda.to_device(np.zeros(1))
+    multiprocessors = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", None)
+    # 8 blocks of 256 per multiprocessor keeps every SM streaming; the simulator (which has no
+    # multiprocessors and runs a Python thread per CUDA thread) gets a single small block
+    blocks, threads = (8 * multiprocessors, 256) if multiprocessors else (1, 32)
+
+    def synchronized(kernel, *args):
+        def run():
+            kernel[blocks, threads](*args)
+            cuda.synchronize()
+        return run
+
+    read_s = _best_seconds(synchronized(read, a, total), runs)
+    read_write_s = _best_seconds(synchronized(read_write, a, out, 0.5), runs)
+    return Bandwidth(read_gb_s=gb_per_s(a.nbytes, read_s),
+                     read_write_gb_s=gb_per_s(2 * a.nbytes, read_write_s),
+                     array_bytes=int(a.nbytes), runs=runs, threads=blocks * threads)
 
 
 def measure_bandwidth(array_bytes: int | None = None,

@@ -1,0 +1,114 @@
+"""What a benchmark ran on: CPU, cores, threads, versions. Recorded with every result."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+import numba
+import numpy as np
+
+import fastbn
+
+from .roofline import l3_cache_bytes
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (from /proc/cpuinfo on Linux, else the platform module)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD extensions relevant to the kernels' vector width."""
+    wanted = ("avx512f", "avx2", "avx", "sse4_2", "neon", "asimd")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in wanted if flag in present]
+    except OSError:
+        pass
+    return []
+
+
+def memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python and of every package a row may depend on."""
+    try:
+        import torch
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    return {
+        "python": platform.python_version(),
+        "fastbn": fastbn.__version__,
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba-cuda": _version("numba-cuda"),
+        "torch": torch_version,
+    }
+
+
+def threading_layer() -> str:
+    """Numba's threading layer; only known once a parallel kernel has run in this process."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return "not yet chosen"
+
+
+def gpu_name() -> str | None:
+    """Name of the CUDA device the cuda rows run on, when there is a real one."""
+    from .registry import unavailable_reason
+    if unavailable_reason("cuda") is not None:
+        return None
+    from numba import cuda
+    name = cuda.get_current_device().name
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def machine_info() -> dict:
+    """Everything needed to tell whether two runs are comparable."""
+    cache = l3_cache_bytes()
+    torch_threads = None
+    try:
+        import torch
+        torch_threads = torch.get_num_threads()
+    except ImportError:
+        pass
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "last_level_cache_bytes": cache,
+        "memory_bytes": memory_bytes(),
+        "numba_threads": numba.get_num_threads(),
+        "numba_threading_layer": threading_layer(),
+        "torch_threads": torch_threads,
+        "gpu": gpu_name(),
+        "platform": platform.platform(),
+    }
