@@ -14,9 +14,6 @@ import pytest
 from fastbn.bench import registry
 from fastbn.bench.roofline import PASSES, bytes_moved, gb_per_s, roofline_percent
 
-IMPLEMENTATIONS = ("numpy", "cpu", "cuda", "torch")
-
-
 def pytest_generate_tests(metafunc):
     if "inputs" not in metafunc.fixturenames:
         return
@@ -28,8 +25,8 @@ def pytest_generate_tests(metafunc):
     # Module scope: pytest groups the tests by (case, dtype), so the large inputs exist once.
     metafunc.parametrize("inputs", [(c, d) for c in cases for d in dtypes], indirect=True,
                          scope="module", ids=[f"{c.name}-{d}" for c in cases for d in dtypes])
-    metafunc.parametrize("operation", passes)
-    metafunc.parametrize("implementation", IMPLEMENTATIONS)
+    metafunc.parametrize(("operation", "implementation"),
+                         [(op, impl) for op, impl in registry.pairs() if op in passes])
 
 
 @pytest.fixture(scope="module")

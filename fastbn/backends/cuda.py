@@ -16,8 +16,10 @@ Passes
     C-sized statistics back (the training forward checks them), and host<->device copies.
 
 Launch configuration
-    ``THREADS_PER_BLOCK``, ``MAX_BLOCKS``, ``MIN_ELEMENTS_PER_THREAD`` are read at every launch,
-    so tests can shrink them to force multi-block grids on tiny inputs.
+    ``THREADS_PER_BLOCK``, ``MAX_BLOCKS``, ``MIN_ELEMENTS_PER_THREAD`` and ``MAX_GRID_Y`` are
+    read at every launch, so tests can shrink them to force multi-block grids on tiny inputs.
+
+See docs/cuda.md for the design and what has not been verified on a GPU.
 """
 
 from __future__ import annotations
@@ -31,21 +33,27 @@ from .host import nonfinite_features as _host_nonfinite_features
 
 try:
     from numba import cuda
+
     from . import cuda_kernels as k
-except ImportError as exc:  # numba-cuda missing or broken
+except ImportError as exc:  # numba-cuda missing or broken: unavailable_reason says so
     cuda = None
-    _IMPORT_ERROR: ImportError | None = exc
+    _IMPORT_ERROR = exc
 else:
     _IMPORT_ERROR = None
 
-NAME = "cuda"
 
 def _simulated() -> bool:
-    from numba.cuda.core import config
+    try:  # numba-cuda >= 0.2x keeps its own copy of the config
+        from numba.cuda.core import config
+    except ImportError:
+        from numba.core import config
     return bool(config.ENABLE_CUDASIM)
 
 
 _SIMULATED = cuda is not None and _simulated()
+
+NAME = "cuda"
+
 # On a GPU, 256 threads and up to 2048 blocks: about two waves on an H100 (132 SMs x 8
 # resident blocks of 256). The simulator starts a Python thread per CUDA thread per block, so it
 # gets small grids with more work per thread (tests shrink them further to force many blocks).
@@ -54,7 +62,8 @@ MAX_BLOCKS = 4 if _SIMULATED else 2048
 #: A reduction adds blocks per feature only while each thread keeps this many elements.
 MIN_ELEMENTS_PER_THREAD = 32
 WARP = 32
-MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
+MAX_GRID_X = 2**31 - 1  # CUDA's limits on gridDim.x and gridDim.y
+MAX_GRID_Y = 65535
 
 
 # ----------------------------------------------------------------------------- availability
@@ -87,10 +96,14 @@ def _device_view(x: Any) -> Any:
     """A Numba device array sharing ``x``'s memory."""
     if getattr(x, "__cuda_ndarray__", False):
         return x
+    if not hasattr(cuda, "as_cuda_array"):
+        raise TypeError(f"the CUDA simulator cannot use a {type(x).__name__}; "
+                        "pass an array made with numba.cuda.to_device")
     return cuda.as_cuda_array(x)
 
 
 def is_native(x: Any) -> bool:
+    """Whether ``x`` is a GPU array (used in place, results stay on the device)."""
     return _is_device(x)
 
 
@@ -114,8 +127,38 @@ def _require_contiguous(x: Any) -> None:
 
 
 def canonical(x: Any, shape3: tuple[int, int, int]) -> Any:
+    """The ``(outer, C, inner)`` view of a C-contiguous device array (others raise)."""
     _require_contiguous(x)
     return x.reshape(shape3)
+
+
+def output_view(out: Any, shape3: tuple[int, int, int], name: str) -> Any:
+    """The canonical view of a caller's output array: a device array is written directly,
+    a NumPy array receives a copy of the device result."""
+    if _is_device(out):
+        out = _device_view(out)
+        _require_contiguous(out)
+        return out.reshape(shape3)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy or device array, got {type(out).__name__}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"{name} must be a writeable C-contiguous array")
+    return out.reshape(shape3)
+
+
+def _result_buffer(x3: Any, out3: Any) -> Any:
+    """Where kernels write: the caller's device output, else a new device array."""
+    if out3 is not None and _is_device(out3):
+        return out3
+    return cuda.device_array(x3.shape, x3.dtype)
+
+
+def _deliver(result3: Any, out3: Any) -> Any:
+    """The result as the caller asked for it: copied into a NumPy ``out3`` when given."""
+    if out3 is None or _is_device(out3):
+        return result3
+    result3.copy_to_host(out3)
+    return out3
 
 
 def astype(a: Any, dtype: Any) -> Any:
@@ -132,6 +175,7 @@ def astype(a: Any, dtype: Any) -> Any:
 
 
 def to_output(y: Any, like: Any) -> Any:
+    """``y`` on the device for a GPU ``like``, else copied to a NumPy array."""
     if _is_device(like) or not _is_device(y):
         return y
     return y.copy_to_host()
@@ -171,11 +215,13 @@ def _blocks(items: int) -> int:
     return max(1, min(MAX_BLOCKS, _ceil_div(items, THREADS_PER_BLOCK)))
 
 
-def _reduction_blocks(elements: int, threads: int, parallel_groups: int) -> int:
+def _reduction_blocks(elements: int, threads: int, parallel_groups: int,
+                      grid_limit: int) -> int:
     """Blocks sharing one feature (or one column group): enough to keep every thread at
-    ``MIN_ELEMENTS_PER_THREAD``, within ``MAX_BLOCKS`` over all groups."""
+    ``MIN_ELEMENTS_PER_THREAD``, within ``MAX_BLOCKS`` over all groups and the grid
+    dimension's limit."""
     wanted = _ceil_div(elements, threads * MIN_ELEMENTS_PER_THREAD)
-    return max(1, min(wanted, MAX_BLOCKS // max(1, parallel_groups), MAX_GRID_Y))
+    return max(1, min(wanted, MAX_BLOCKS // max(1, parallel_groups), grid_limit))
 
 
 def _channels_last_block(features: int) -> tuple[int, int]:
@@ -213,14 +259,14 @@ def moments(x3: Any) -> tuple[Any, Any]:
     if inner == 1:
         columns, ranks = _channels_last_block(features)
         grid_x = min(_ceil_div(features, columns), MAX_BLOCKS)
-        blocks = _reduction_blocks(outer, ranks, grid_x)
+        blocks = _reduction_blocks(outer, ranks, grid_x, MAX_GRID_Y)
         parts = [cuda.device_array((features, blocks), np.float64) for _ in range(3)]
         _launch(k.batch_moments_channels_last, (grid_x, blocks), (columns, ranks), _rows(x3),
                 *parts, shared_doubles=3 * columns * ranks)
     else:
         threads = THREADS_PER_BLOCK
-        grid_y = min(features, MAX_GRID_Y)
-        blocks = _reduction_blocks(outer * inner, threads, grid_y)
+        grid_y = min(features, MAX_GRID_Y, MAX_BLOCKS)
+        blocks = _reduction_blocks(outer * inner, threads, grid_y, MAX_GRID_X)
         parts = [cuda.device_array((features, blocks), np.float64) for _ in range(3)]
         _launch(k.batch_moments_planar, (blocks, grid_y), threads, x3, *parts,
                 shared_doubles=3 * threads)
@@ -232,9 +278,8 @@ def moments(x3: Any) -> tuple[Any, Any]:
     return mean, var
 
 
-def _scale_shift(x3, scale, shift):
+def _scale_shift(x3, scale, shift, y3):
     outer, features, inner = x3.shape
-    y3 = cuda.device_array(x3.shape, x3.dtype)
     if inner == 1:
         columns, ranks = _channels_last_block(features)
         grid = _elementwise_grid(features, columns, outer, ranks)
@@ -244,15 +289,15 @@ def _scale_shift(x3, scale, shift):
         along, rows = _planar_block(inner)
         grid = _elementwise_grid(inner, along, outer * features, rows)
         _launch(k.scale_shift_planar, grid, (along, rows), x3, scale, shift, y3)
-    return y3
 
 
-def normalize(x3, mean, var, gamma, beta, eps):
+def normalize(x3, mean, var, gamma, beta, eps, out3=None):
     """``y = x*scale + shift`` with float64 per-feature coefficients computed on the device.
 
     Returns
     -------
-    y3 : device array like x3
+    y3 : device array like x3; ``out3`` when given (it may be x3: each element is read
+        before it is written, by the same thread)
     invstd : float64 device array of shape (C,)
     """
     features = x3.shape[1]
@@ -260,7 +305,9 @@ def normalize(x3, mean, var, gamma, beta, eps):
     _launch(k.normalize_coefficients, _blocks(features), THREADS_PER_BLOCK,
             _per_feature(mean), _per_feature(var), _per_feature(gamma), _per_feature(beta),
             float(eps), invstd, scale, shift)
-    return _scale_shift(x3, scale, shift), invstd
+    y3 = _result_buffer(x3, out3)
+    _scale_shift(x3, scale, shift, y3)
+    return _deliver(y3, out3), invstd
 
 
 def update_running_stats(running_mean, running_var, mean, var, count, momentum) -> None:
@@ -277,12 +324,12 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum) 
             host[...] = device.copy_to_host()
 
 
-def backward(dy3, x3, gamma, mean, invstd, batch_stats):
+def backward(dy3, x3, gamma, mean, invstd, batch_stats, out3=None):
     """One reduction pass and one fused elementwise pass.
 
     Returns
     -------
-    dx3 : device array like x3
+    dx3 : device array like x3; ``out3`` when given (it may be dy3 or x3)
     dgamma, dbeta : float64 device arrays of shape (C,)
     """
     outer, features, inner = x3.shape
@@ -290,14 +337,14 @@ def backward(dy3, x3, gamma, mean, invstd, batch_stats):
     if inner == 1:
         columns, ranks = _channels_last_block(features)
         grid_x = min(_ceil_div(features, columns), MAX_BLOCKS)
-        blocks = _reduction_blocks(outer, ranks, grid_x)
+        blocks = _reduction_blocks(outer, ranks, grid_x, MAX_GRID_Y)
         parts = [cuda.device_array((features, blocks), np.float64) for _ in range(2)]
         _launch(k.backward_reduce_channels_last, (grid_x, blocks), (columns, ranks),
                 _rows(dy3), _rows(x3), mean, *parts, shared_doubles=2 * columns * ranks)
     else:
         threads = THREADS_PER_BLOCK
-        grid_y = min(features, MAX_GRID_Y)
-        blocks = _reduction_blocks(outer * inner, threads, grid_y)
+        grid_y = min(features, MAX_GRID_Y, MAX_BLOCKS)
+        blocks = _reduction_blocks(outer * inner, threads, grid_y, MAX_GRID_X)
         parts = [cuda.device_array((features, blocks), np.float64) for _ in range(2)]
         _launch(k.backward_reduce_planar, (blocks, grid_y), threads, dy3, x3, mean, *parts,
                 shared_doubles=2 * threads)
@@ -306,7 +353,7 @@ def backward(dy3, x3, gamma, mean, invstd, batch_stats):
     _launch(k.backward_coefficients, min(features, MAX_BLOCKS), finalize, *parts,
             _per_feature(gamma), mean, _per_feature(invstd), float(outer * inner),
             bool(batch_stats), k1, k2, k3, dgamma, dbeta, shared_doubles=2 * finalize)
-    dx3 = cuda.device_array(x3.shape, x3.dtype)
+    dx3 = _result_buffer(x3, out3)
     if inner == 1:
         grid = _elementwise_grid(features, columns, outer, ranks)
         _launch(k.backward_elementwise_channels_last, grid, (columns, ranks), _rows(dy3),
@@ -315,7 +362,7 @@ def backward(dy3, x3, gamma, mean, invstd, batch_stats):
         along, rows = _planar_block(inner)
         grid = _elementwise_grid(inner, along, outer * features, rows)
         _launch(k.backward_elementwise_planar, grid, (along, rows), dy3, x3, k1, k2, k3, dx3)
-    return dx3, dgamma, dbeta
+    return _deliver(dx3, out3), dgamma, dbeta
 
 
 def nonfinite_features(mean, var) -> np.ndarray:

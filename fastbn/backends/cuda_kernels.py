@@ -17,10 +17,19 @@ can spread over many blocks when ``outer * inner`` is large and C small. Stage 2
 All accumulation and merging is float64; the two-stage split keeps results deterministic (no
 atomics, so the merge order does not depend on which block finishes first).
 
-Statistics are chunked Welford: a thread loads ``CHUNK`` values into registers, takes their mean
-and squared deviations (two plain loops, one divide), and merges the chunk into its running
-moments with Chan's formula, like ``cpu_kernels`` does per cache-sized chunk. Per-element Welford
-would cost a divide per element.
+Statistics are chunked Welford: a thread sums ``CHUNK`` of its values, shifted by the chunk's
+first value, turns the two sums into the chunk's mean and squared deviations (one divide), and
+merges the chunk into its running moments with Chan's formula, like ``cpu_kernels`` does per
+cache-sized chunk. Per-element Welford would cost a divide per element. The CPU reads a chunk
+twice (mean, then deviations) from cache; a GPU thread's chunk is strided across memory, so
+rereading it would be a second trip to L2, and buffering it needs a local-memory array (a
+dynamically indexed array is not kept in registers). The shift keeps the one-pass sums free of
+cancellation: deviations from a value of the chunk are of the order of the spread, not of the
+mean.
+
+Every load of x or dy is widened with ``float()`` before arithmetic: on the GPU that is what
+mixing float32 and float64 does anyway, but the simulator computes with NumPy scalars, where
+``float32 - python_float`` stays float32 (NEP 50) and would hide precision bugs.
 
 Shared memory is dynamic (``cuda.shared.array(0, ...)``, sized at launch) so the block shape is a
 launch-time choice of ``cuda.py``, not a compile-time constant.
@@ -32,7 +41,10 @@ import math
 
 from numba import cuda, float64
 
-CHUNK = 8  # values a thread holds in registers before merging them; a compile-time constant
+CHUNK = 8  # values a thread sums before merging them into its running moments
+# Kernels are cached on disk, like cpu_kernels, so a new process skips the NVVM compile of each
+# signature it has seen before (the cache is keyed by compute capability).
+KERNEL = dict(cache=True)
 
 
 # ----------------------------------------------------------------------------- shared math
@@ -48,18 +60,12 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @cuda.jit(device=True)
-def chunk_moments(values, n):
-    """Count, mean and sum of squared deviations of the register-resident values[:n]."""
-    total = 0.0
-    for k in range(n):
-        total += values[k]
+def chunk_moments(n, shift, total, total_sq):
+    """Count, mean and sum of squared deviations of n values from their shifted sums
+    ``total = sum(x - shift)`` and ``total_sq = sum((x - shift)**2)``."""
     count = float(n)
-    mean = total / count
-    m2 = 0.0
-    for k in range(n):
-        d = values[k] - mean
-        m2 += d * d
-    return count, mean, m2
+    mean_shifted = total / count
+    return count, shift + mean_shifted, total_sq - total * mean_shifted
 
 
 @cuda.jit(device=True)
@@ -105,7 +111,7 @@ def planar_item(j, inner):
 
 
 # ----------------------------------------------------------------------------- statistics
-@cuda.jit
+@cuda.jit(**KERNEL)
 def batch_moments_planar(x, part_count, part_mean, part_m2):
     outer, features, inner = x.shape
     n = outer * inner
@@ -119,7 +125,6 @@ def batch_moments_planar(x, part_count, part_mean, part_m2):
     s_count = shared[:threads]
     s_mean = shared[threads:2 * threads]
     s_m2 = shared[2 * threads:3 * threads]
-    values = cuda.local.array(CHUNK, float64)
     for c in range(cuda.blockIdx.y, features, cuda.gridDim.y):
         count = 0.0
         mean = 0.0
@@ -127,9 +132,14 @@ def batch_moments_planar(x, part_count, part_mean, part_m2):
         o, i = planar_item(first, inner)
         j = first
         while j < n:
+            shift = float(x[o, c, i])
+            total = 0.0
+            total_sq = 0.0
             k = 0
             while k < CHUNK and j < n:
-                values[k] = x[o, c, i]
+                d = float(x[o, c, i]) - shift
+                total += d
+                total_sq += d * d
                 k += 1
                 j += stride
                 o += stride_o
@@ -137,7 +147,7 @@ def batch_moments_planar(x, part_count, part_mean, part_m2):
                 if i >= inner:
                     i -= inner
                     o += 1
-            n_b, mean_b, m2_b = chunk_moments(values, k)
+            n_b, mean_b, m2_b = chunk_moments(k, shift, total, total_sq)
             count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
         s_count[rank] = count
         s_mean[rank] = mean
@@ -151,7 +161,7 @@ def batch_moments_planar(x, part_count, part_mean, part_m2):
         cuda.syncthreads()  # the next feature reuses the shared slots
 
 
-@cuda.jit
+@cuda.jit(**KERNEL)
 def batch_moments_channels_last(x, part_count, part_mean, part_m2):
     rows, features = x.shape
     columns = cuda.blockDim.x
@@ -165,7 +175,6 @@ def batch_moments_channels_last(x, part_count, part_mean, part_m2):
     s_count = shared[:size]
     s_mean = shared[size:2 * size]
     s_m2 = shared[2 * size:3 * size]
-    values = cuda.local.array(CHUNK, float64)
     for c0 in range(cuda.blockIdx.x * columns, features, cuda.gridDim.x * columns):
         c = c0 + column
         count = 0.0
@@ -174,12 +183,17 @@ def batch_moments_channels_last(x, part_count, part_mean, part_m2):
         if c < features:
             r = cuda.blockIdx.y * ranks + rank
             while r < rows:
+                shift = float(x[r, c])
+                total = 0.0
+                total_sq = 0.0
                 k = 0
                 while k < CHUNK and r < rows:
-                    values[k] = x[r, c]
+                    d = float(x[r, c]) - shift
+                    total += d
+                    total_sq += d * d
                     k += 1
                     r += row_stride
-                n_b, mean_b, m2_b = chunk_moments(values, k)
+                n_b, mean_b, m2_b = chunk_moments(k, shift, total, total_sq)
                 count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
         s_count[slot] = count
         s_mean[slot] = mean
@@ -193,7 +207,7 @@ def batch_moments_channels_last(x, part_count, part_mean, part_m2):
         cuda.syncthreads()
 
 
-@cuda.jit
+@cuda.jit(**KERNEL)
 def finalize_moments(part_count, part_mean, part_m2, mean, var):
     """Stage 2: merge the ``(C, blocks)`` partials into mean and biased variance."""
     features, blocks = part_count.shape
@@ -221,26 +235,24 @@ def finalize_moments(part_count, part_mean, part_m2, mean, var):
         cuda.syncthreads()
 
 
-@cuda.jit
+@cuda.jit(**KERNEL)
 def update_running_stats(running_mean, running_var, mean, var, correction, momentum):
     """``(1 - momentum) * old + momentum * batch`` with the unbiased variance
     (``correction = n / (n - 1)``). A zero-length running array means "not tracked"."""
-    c = cuda.grid(1)
-    if c < mean.shape[0]:
+    for c in range(cuda.grid(1), mean.shape[0], cuda.gridsize(1)):
         if running_mean.shape[0] > 0:
-            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
+            running_mean[c] = (1.0 - momentum) * float(running_mean[c]) + momentum * mean[c]
         if running_var.shape[0] > 0:
-            running_var[c] = ((1.0 - momentum) * running_var[c]
+            running_var[c] = ((1.0 - momentum) * float(running_var[c])
                               + momentum * (var[c] * correction))
 
 
 # ----------------------------------------------------------------------------- forward
-@cuda.jit
+@cuda.jit(**KERNEL)
 def normalize_coefficients(mean, var, gamma, beta, eps, invstd, scale, shift):
     """Per feature: ``invstd = 1/sqrt(var + eps)``, ``scale = gamma*invstd``,
     ``shift = beta - mean*scale``. A zero-length gamma (beta) stands for ones (zeros)."""
-    c = cuda.grid(1)
-    if c < mean.shape[0]:
+    for c in range(cuda.grid(1), mean.shape[0], cuda.gridsize(1)):
         inv = 1.0 / math.sqrt(float(var[c]) + eps)
         g = float(gamma[c]) if gamma.shape[0] > 0 else 1.0
         b = float(beta[c]) if beta.shape[0] > 0 else 0.0
@@ -254,7 +266,7 @@ def normalize_coefficients(mean, var, gamma, beta, eps, invstd, scale, shift):
 # would carry an absolute error of |mean|/std * 6e-8. The pass is memory-bound, so the wider
 # arithmetic is free on data-centre GPUs; each element is loaded in its dtype and rounded once
 # at the store.
-@cuda.jit
+@cuda.jit(**KERNEL)
 def scale_shift_planar(x, scale, shift, y):
     outer, features, inner = x.shape
     first_i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -267,10 +279,10 @@ def scale_shift_planar(x, scale, shift, y):
         a = scale[c]
         b = shift[c]
         for i in range(first_i, inner, stride_i):
-            y[o, c, i] = x[o, c, i] * a + b
+            y[o, c, i] = float(x[o, c, i]) * a + b
 
 
-@cuda.jit
+@cuda.jit(**KERNEL)
 def scale_shift_channels_last(x, scale, shift, y):
     rows, features = x.shape
     first_c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -279,11 +291,11 @@ def scale_shift_channels_last(x, scale, shift, y):
     stride_row = cuda.gridDim.y * cuda.blockDim.y
     for r in range(first_row, rows, stride_row):
         for c in range(first_c, features, stride_c):
-            y[r, c] = x[r, c] * scale[c] + shift[c]
+            y[r, c] = float(x[r, c]) * scale[c] + shift[c]
 
 
 # ----------------------------------------------------------------------------- backward
-@cuda.jit
+@cuda.jit(**KERNEL)
 def backward_reduce_planar(dy, x, mean, part_sum_dy, part_sum_dy_xmu):
     outer, features, inner = x.shape
     n = outer * inner
@@ -304,7 +316,7 @@ def backward_reduce_planar(dy, x, mean, part_sum_dy, part_sum_dy_xmu):
         while j < n:
             g = float(dy[o, c, i])
             s += g
-            p += g * (x[o, c, i] - mu)
+            p += g * (float(x[o, c, i]) - mu)
             j += stride
             o += stride_o
             i += stride_i
@@ -321,7 +333,7 @@ def backward_reduce_planar(dy, x, mean, part_sum_dy, part_sum_dy_xmu):
         cuda.syncthreads()
 
 
-@cuda.jit
+@cuda.jit(**KERNEL)
 def backward_reduce_channels_last(dy, x, mean, part_sum_dy, part_sum_dy_xmu):
     rows, features = x.shape
     columns = cuda.blockDim.x
@@ -343,7 +355,7 @@ def backward_reduce_channels_last(dy, x, mean, part_sum_dy, part_sum_dy_xmu):
             for r in range(cuda.blockIdx.y * ranks + rank, rows, row_stride):
                 g = float(dy[r, c])
                 s += g
-                p += g * (x[r, c] - mu)
+                p += g * (float(x[r, c]) - mu)
         s_dy[slot] = s
         s_dy_xmu[slot] = p
         cuda.syncthreads()
@@ -354,7 +366,7 @@ def backward_reduce_channels_last(dy, x, mean, part_sum_dy, part_sum_dy_xmu):
         cuda.syncthreads()
 
 
-@cuda.jit
+@cuda.jit(**KERNEL)
 def backward_coefficients(part_sum_dy, part_sum_dy_xmu, gamma, mean, invstd, count,
                           batch_stats, k1, k2, k3, dgamma, dbeta):
     """Stage 2 of the backward reduction, then per feature ``(k1, k2, k3)`` with
@@ -395,7 +407,7 @@ def backward_coefficients(part_sum_dy, part_sum_dy_xmu, gamma, mean, invstd, cou
         cuda.syncthreads()
 
 
-@cuda.jit
+@cuda.jit(**KERNEL)
 def backward_elementwise_planar(dy, x, k1, k2, k3, dx):
     outer, features, inner = x.shape
     first_i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -409,10 +421,10 @@ def backward_elementwise_planar(dy, x, k1, k2, k3, dx):
         b = k2[c]
         d = k3[c]
         for i in range(first_i, inner, stride_i):
-            dx[o, c, i] = dy[o, c, i] * a + x[o, c, i] * b + d
+            dx[o, c, i] = float(dy[o, c, i]) * a + float(x[o, c, i]) * b + d
 
 
-@cuda.jit
+@cuda.jit(**KERNEL)
 def backward_elementwise_channels_last(dy, x, k1, k2, k3, dx):
     rows, features = x.shape
     first_c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -421,11 +433,11 @@ def backward_elementwise_channels_last(dy, x, k1, k2, k3, dx):
     stride_row = cuda.gridDim.y * cuda.blockDim.y
     for r in range(first_row, rows, stride_row):
         for c in range(first_c, features, stride_c):
-            dx[r, c] = dy[r, c] * k1[c] + x[r, c] * k2[c] + k3[c]
+            dx[r, c] = float(dy[r, c]) * k1[c] + float(x[r, c]) * k2[c] + k3[c]
 
 
 # ----------------------------------------------------------------------------- casts
-@cuda.jit
+@cuda.jit(**KERNEL)
 def cast_copy(source, target):
     """``target[:] = source`` between flat arrays of different dtypes (``cuda.astype``)."""
     for j in range(cuda.grid(1), source.shape[0], cuda.gridsize(1)):

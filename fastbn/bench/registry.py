@@ -177,20 +177,23 @@ class Implementation:
     """How a row is labelled and whether it can run here."""
 
     name: str
-    label: str
+    description: str
+    short: str
     unavailable: Callable[[bool], str | None]
 
 
-IMPLEMENTATIONS: dict[str, Implementation] = {
-    "numpy": Implementation("numpy", "naive NumPy (fastbn backend 'numpy')",
-                            lambda sim: _fastbn_unavailable("numpy")),
-    "cpu": Implementation("cpu", "fastbn cpu (Numba)",
-                          lambda sim: _fastbn_unavailable("cpu")),
-    "cuda": Implementation("cuda", "fastbn cuda (Numba CUDA)",
-                           lambda sim: _fastbn_unavailable("cuda", sim)),
-    "torch": Implementation("torch", "PyTorch F.batch_norm (CPU, same threads)",
-                            lambda sim: _torch_unavailable()),
-}
+IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (
+    Implementation("numpy", "fastbn backend 'numpy', the textbook formulas in whole-array NumPy",
+                   "naive NumPy", lambda sim: _fastbn_unavailable("numpy")),
+    Implementation("cpu", "fastbn backend 'cpu' (Numba), output allocated by each call",
+                   "fastbn cpu", lambda sim: _fastbn_unavailable("cpu")),
+    Implementation("cpu-out", "fastbn backend 'cpu' writing into a preallocated out= array",
+                   "fastbn cpu, out=", lambda sim: _fastbn_unavailable("cpu")),
+    Implementation("cuda", "fastbn backend 'cuda' on device arrays, synchronized after each call",
+                   "fastbn cuda", lambda sim: _fastbn_unavailable("cuda", sim)),
+    Implementation("torch", "F.batch_norm, its autograd backward and var_mean on the CPU, with "
+                   "Numba's thread count", "PyTorch", lambda sim: _torch_unavailable()),
+)}
 BASELINE = "numpy"
 
 
@@ -204,8 +207,13 @@ def unavailable_reason(implementation: str, allow_simulator: bool = False) -> st
 
 
 # ----------------------------------------------------------------------------- fastbn bodies
-def _fastbn_setups(backend: str) -> dict[str, Setup]:
-    """Setups for one fastbn backend; the cuda one moves inputs to the GPU first."""
+def _fastbn_setups(backend: str, preallocated: bool = False) -> dict[str, Setup]:
+    """Setups for one fastbn backend; the cuda one moves inputs to the GPU first.
+
+    With ``preallocated`` the passes write into an ``out=`` array made (and first touched) in
+    the setup, which leaves out the page faults of a fresh output; ``moments`` has no large
+    output, so that variant has no moments entry.
+    """
 
     def arrays(inputs: Inputs) -> dict[str, Any]:
         key = f"fastbn-{backend}"
@@ -223,6 +231,15 @@ def _fastbn_setups(backend: str) -> dict[str, Setup]:
             from numba import cuda
             cuda.synchronize()
 
+    def output(inputs: Inputs) -> Any:
+        if not preallocated:
+            return None
+        out = np.zeros_like(inputs.x)  # zeros, not empty: the pages are touched here, untimed
+        if backend == "cuda":
+            from numba import cuda
+            out = cuda.to_device(out)
+        return out
+
     def copy_of(a: Any) -> Any:
         # running statistics are updated in place: each body gets its own
         if backend == "cuda":
@@ -233,33 +250,36 @@ def _fastbn_setups(backend: str) -> dict[str, Setup]:
     def forward_train(inputs: Inputs) -> Body:
         a = arrays(inputs)
         running_mean, running_var = copy_of(a["running_mean"]), copy_of(a["running_var"])
+        out = output(inputs)
 
         def body():
             y = fastbn.batch_norm(a["x"], running_mean, running_var, a["gamma"], a["beta"],
                                   training=True, momentum=MOMENTUM, eps=EPS,
-                                  axis=inputs.case.axis, backend=backend)
+                                  axis=inputs.case.axis, backend=backend, out=out)
             synchronize()
             return (y,)
         return body
 
     def forward_eval(inputs: Inputs) -> Body:
         a = arrays(inputs)
+        out = output(inputs)
 
         def body():
             y = fastbn.batch_norm(a["x"], a["running_mean"], a["running_var"], a["gamma"],
                                   a["beta"], training=False, eps=EPS, axis=inputs.case.axis,
-                                  backend=backend)
+                                  backend=backend, out=out)
             synchronize()
             return (y,)
         return body
 
     def backward(inputs: Inputs) -> Body:
         a = arrays(inputs)
+        out = output(inputs)
 
         def body():
             grads = fastbn.batch_norm_backward(a["dy"], a["x"], a["gamma"], a["mean"],
                                                a["invstd"], axis=inputs.case.axis,
-                                               backend=backend)
+                                               backend=backend, out=out)
             synchronize()
             return grads
         return body
@@ -273,8 +293,11 @@ def _fastbn_setups(backend: str) -> dict[str, Setup]:
             return stats
         return body
 
-    return {"forward-train": forward_train, "forward-eval": forward_eval,
-            "backward": backward, "moments": moments}
+    setups = {"forward-train": forward_train, "forward-eval": forward_eval,
+              "backward": backward, "moments": moments}
+    if preallocated:
+        del setups["moments"]
+    return setups
 
 
 # ----------------------------------------------------------------------------- torch bodies
@@ -360,13 +383,23 @@ def _torch_setups() -> dict[str, Setup]:
 
 
 def _build_registry() -> dict[str, dict[str, Setup]]:
-    by_implementation = {name: _fastbn_setups(name) for name in ("numpy", "cpu", "cuda")}
-    by_implementation["torch"] = _torch_setups()
-    return {op: {impl: setups[op] for impl, setups in by_implementation.items()}
+    by_implementation = {
+        "numpy": _fastbn_setups("numpy"),
+        "cpu": _fastbn_setups("cpu"),
+        "cpu-out": _fastbn_setups("cpu", preallocated=True),
+        "cuda": _fastbn_setups("cuda"),
+        "torch": _torch_setups(),
+    }
+    return {op: {impl: setups[op] for impl, setups in by_implementation.items() if op in setups}
             for op in PASSES}
 
 
 REGISTRY: dict[str, dict[str, Setup]] = _build_registry()
+
+
+def pairs() -> list[tuple[str, str]]:
+    """Every (pass, implementation) the registry defines, in registry order."""
+    return [(op, impl) for op, setups in REGISTRY.items() for impl in setups]
 
 
 def to_numpy(value: Any) -> np.ndarray:

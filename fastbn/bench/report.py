@@ -15,7 +15,7 @@ import gc
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
@@ -27,7 +27,7 @@ from .roofline import (PASSES, Bandwidth, bytes_moved, gb_per_s, measure_bandwid
 from .timing import time_body
 
 SCHEMA = "fastbn-bench/1"
-IMPLEMENTATION_ORDER = ("numpy", "cpu", "cuda", "torch")
+IMPLEMENTATION_ORDER = ("numpy", "cpu", "cpu-out", "cuda", "torch")
 QUICK_REPEATS = 3
 FULL_REPEATS = 5
 QUICK_MIN_SAMPLE_S = 0.02
@@ -66,9 +66,16 @@ TARGETS: tuple[Target, ...] = (
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """PASS/FAIL (or SKIP when the run did not measure it) for each target, from ``results``."""
+    """PASS/FAIL (or SKIP when the run did not measure it) for each target, from ``results``.
+
+    The targets are the cpu backend's as users call it (allocating its output); when the run
+    measured the ``cpu-out`` variant, its verdicts follow, to show what allocation costs.
+    """
     verdicts = []
-    for target in TARGETS:
+    targets = list(TARGETS)
+    if any(r["implementation"] == "cpu-out" for r in results["rows"]):
+        targets += [replace(t, implementation="cpu-out") for t in TARGETS]
+    for target in targets:
         row = next((r for r in results["rows"] if r["case"] == target.case
                     and r["pass"] == target.operation and r["dtype"] == target.dtype
                     and r["implementation"] == target.implementation), None)
@@ -107,10 +114,6 @@ def _format_seconds(seconds: float | None) -> str:
     return f"{seconds:.3f} s"
 
 
-def _shape_text(case: Case) -> str:
-    return case.label
-
-
 def _stderr(message: str, stream: TextIO | None) -> None:
     if stream is not None:
         print(message, file=stream, flush=True)
@@ -130,18 +133,29 @@ def available_implementations(requested: Iterable[str],
     return runnable, skipped
 
 
+def add_roofline(rows: list[dict], bandwidth: Bandwidth,
+                 gpu_bandwidth: Bandwidth | None = None) -> None:
+    """Set each row's roofline denominator and % of roofline: device memory for the cuda
+    rows, host memory for the others."""
+    for row in rows:
+        denominator = (gpu_bandwidth if row["implementation"] == "cuda" else bandwidth)
+        row["roofline_gb_s"] = denominator.roofline_gb_s
+        row["roofline_percent"] = roofline_percent(row["bytes"], row["median_s"],
+                                                   denominator.roofline_gb_s)
+
+
 def run_benchmarks(cases: list[Case], dtypes: list[str], implementations: list[str],
-                   passes: list[str], bandwidth: Bandwidth, repeats: int,
-                   min_sample_s: float, progress: TextIO | None = sys.stderr,
-                   gpu_bandwidth: Bandwidth | None = None) -> tuple[list[dict], list[dict]]:
+                   passes: list[str], repeats: int, min_sample_s: float,
+                   progress: TextIO | None = sys.stderr) -> tuple[list[dict], list[dict]]:
     """Time every (case, dtype, pass, implementation); returns result rows and failures.
 
-    The cuda rows' roofline is ``gpu_bandwidth`` (device memory), every other row's is
-    ``bandwidth``. Inputs are built once per (case, dtype) and freed before the next, so the
-    large shapes never share memory.
+    Rows carry bytes and GB/s; :func:`add_roofline` adds the % of roofline once the bandwidth
+    is known. Inputs are built once per (case, dtype) and freed before the next, so the large
+    shapes never share memory.
     """
     rows, failures = [], []
-    total = len(cases) * len(dtypes) * len(passes) * len(implementations)
+    total = len(cases) * len(dtypes) * sum(impl in registry.REGISTRY[op]
+                                           for op in passes for impl in implementations)
     done = 0
     started = time.perf_counter()
     for case in cases:
@@ -151,9 +165,11 @@ def run_benchmarks(cases: list[Case], dtypes: list[str], implementations: list[s
             for operation in passes:
                 group = []
                 for impl in implementations:
+                    if impl not in registry.REGISTRY[operation]:
+                        continue  # e.g. no out= variant of moments
                     done += 1
-                    prefix = (f"[{done:>3}/{total}] {impl:<6} {operation:<13} "
-                              f"{_shape_text(case):<19} {dtype:<8}")
+                    prefix = (f"[{done:>3}/{total}] {impl:<7} {operation:<13} "
+                              f"{case.label:<19} {dtype:<8}")
                     try:
                         body = registry.REGISTRY[operation][impl](inputs)
                         timing = time_body(body, repeats=repeats, min_sample_s=min_sample_s)
@@ -166,7 +182,6 @@ def run_benchmarks(cases: list[Case], dtypes: list[str], implementations: list[s
                     finally:
                         body = None
                     moved = bytes_moved(operation, tensor_bytes)
-                    roofline = (gpu_bandwidth if impl == "cuda" else bandwidth).roofline_gb_s
                     group.append({
                         "implementation": impl,
                         "pass": operation,
@@ -181,8 +196,6 @@ def run_benchmarks(cases: list[Case], dtypes: list[str], implementations: list[s
                         "calls_per_sample": timing.number,
                         "bytes": moved,
                         "gb_per_s": gb_per_s(moved, timing.median_s),
-                        "roofline_gb_s": roofline,
-                        "roofline_percent": roofline_percent(moved, timing.median_s, roofline),
                     })
                     _stderr(f"{prefix} {_format_seconds(timing.median_s):>10}   "
                             f"({time.perf_counter() - started:.0f} s elapsed)", progress)
@@ -200,7 +213,7 @@ def run_benchmarks(cases: list[Case], dtypes: list[str], implementations: list[s
 def _row_cells(row: dict) -> list[str]:
     speedup = row.get("speedup_vs_numpy")
     return [
-        row["implementation"], row["pass"], _shape_text(_case_of(row)), row["dtype"],
+        row["implementation"], row["pass"], _case_of(row).label, row["dtype"],
         _format_seconds(row["median_s"]),
         "-" if speedup is None else f"{speedup:.2f}x",
         f"{row['gb_per_s']:.1f}", f"{row['roofline_percent']:.0f} %",
@@ -305,9 +318,11 @@ def to_markdown(results: dict, implementations: list[str] | None = None,
         + (f" (cuda rows: / {results['gpu_bandwidth']['roofline_gb_s']:.0f} GB/s of device "
            "memory)" if results.get("gpu_bandwidth") else "") + ".",
         "",
-        "Each cell: median time, speedup over naive NumPy, % of the memory roofline.",
+        "Each cell: median time, speedup over naive NumPy, % of the memory roofline. "
+        + "; ".join(f"{IMPLEMENTATIONS[i].short}: {IMPLEMENTATIONS[i].description}"
+                    for i in impls) + ".",
         "",
-        "| pass | shape | dtype | " + " | ".join(IMPLEMENTATIONS[i].label for i in impls) + " |",
+        "| pass | shape | dtype | " + " | ".join(IMPLEMENTATIONS[i].short for i in impls) + " |",
         "|---|---|---|" + "---:|" * len(impls),
     ]
     keys = []
@@ -326,7 +341,7 @@ def to_markdown(results: dict, implementations: list[str] | None = None,
             if row is None:
                 cells.append("-")
                 continue
-            shape = _shape_text(_case_of(row))
+            shape = _case_of(row).label
             speedup = row.get("speedup_vs_numpy")
             cells.append(f"{_format_seconds(row['median_s'])}, "
                          + ("" if speedup is None else f"{speedup:.1f}x, ")
@@ -378,7 +393,7 @@ def write_plot(results: dict, path: Path) -> bool:
             ax.axhline(100.0, color="black", linewidth=0.8, linestyle="--")
             ax.set_title(f"{operation}, {dtype}", fontsize=10)
             ax.set_xticks(range(len(cases)))
-            labels = [_shape_text(CASES[c]) if c in CASES else c for c in cases]
+            labels = [CASES[c].label if c in CASES else c for c in cases]
             ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
             if j == 0:
                 ax.set_ylabel("% of memory roofline")
@@ -406,8 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "128x64x28x28 (features on axis 1) or 32x28x28x64:-1")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES)
     parser.add_argument("--backends", nargs="+", choices=IMPLEMENTATION_ORDER,
-                        metavar="IMPL", help="implementations: numpy cpu cuda torch "
-                                             "(default: all; unavailable ones are skipped)")
+                        metavar="IMPL", help="implementations: numpy cpu cpu-out cuda torch "
+                                             "(default: all; unavailable ones are skipped; "
+                                             "cpu-out is cpu writing into a preallocated "
+                                             "out= array)")
     parser.add_argument("--passes", nargs="+", choices=PASSES)
     parser.add_argument("--repeats", type=int, help="timed samples per row (median reported)")
     parser.add_argument("--min-sample-time", type=float, metavar="SECONDS",
@@ -451,8 +468,11 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
         import torch
         torch.set_num_threads(registry.torch_threads())
 
+    # Bandwidth is measured before and after the timings and the best of each stream kept:
+    # on a busy machine one measurement can land in a noisy moment and flatter every row.
+    bandwidth_bytes = args.bandwidth_mib * 2**20 if args.bandwidth_mib else None
     _stderr("measuring memory bandwidth ...", progress)
-    bandwidth = measure_bandwidth(args.bandwidth_mib * 2**20 if args.bandwidth_mib else None)
+    bandwidth = measure_bandwidth(bandwidth_bytes)
     gpu_bandwidth = None
     if "cuda" in implementations:
         _stderr("measuring GPU memory bandwidth ...", progress)
@@ -471,10 +491,17 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
                      "statistic": "median"},
         "skipped": skipped,
     }
-    print(format_header(results), file=out, flush=True)
+    _stderr(format_header(results), progress)
 
-    rows, failures = run_benchmarks(cases, dtypes, implementations, passes, bandwidth,
-                                    repeats, min_sample_s, progress, gpu_bandwidth)
+    rows, failures = run_benchmarks(cases, dtypes, implementations, passes, repeats,
+                                    min_sample_s, progress)
+    _stderr("measuring memory bandwidth again ...", progress)
+    bandwidth = bandwidth.best_with(measure_bandwidth(bandwidth_bytes))
+    results["bandwidth"] = bandwidth.to_dict()
+    if gpu_bandwidth is not None:
+        gpu_bandwidth = gpu_bandwidth.best_with(measure_gpu_bandwidth())
+        results["gpu_bandwidth"] = gpu_bandwidth.to_dict()
+    add_roofline(rows, bandwidth, gpu_bandwidth)
     results["rows"] = rows
     results["failures"] = failures
     if with_compile_time:
@@ -482,6 +509,7 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
         results["compile_time"] = measure_compile_time()
     results["targets"] = evaluate_targets(results)
 
+    print(format_header(results), file=out)
     print("", file=out)
     print(format_table(rows), file=out)
     for s in skipped:
@@ -520,11 +548,11 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout,
         cases = [registry.parse_case(s).name for s in args.shapes] if args.shapes else None
         print(to_markdown(results, args.backends, args.passes, args.dtypes, cases), file=out)
         return 0
-    try:
-        cases = [registry.parse_case(s) for s in (args.shapes or [])]
-    except ValueError as exc:
-        parser.error(str(exc))
-    del cases
+    for shape in args.shapes or []:
+        try:
+            registry.parse_case(shape)
+        except ValueError as exc:  # report it now, not after minutes of benchmarking
+            parser.error(str(exc))
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     results = run(args, argv, out, progress)
