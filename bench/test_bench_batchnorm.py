@@ -2,7 +2,7 @@
 
 Each table (``benchmark.group``) compares the implementations for one ``pass|shape|dtype``;
 ``extra_info`` carries the bytes the pass must move, the effective GB/s and the % of the
-memory roofline measured in the same session.
+memory roofline, against the bandwidth measured just before the (shape, dtype)'s benchmarks.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import gc
 import pytest
 
 from fastbn.bench import registry
-from fastbn.bench.roofline import PASSES, bytes_moved, gb_per_s, roofline_percent
+from fastbn.bench.roofline import (PASSES, bytes_moved, gb_per_s, measure_bandwidth,
+                                   roofline_percent)
 
 def pytest_generate_tests(metafunc):
     if "inputs" not in metafunc.fixturenames:
@@ -30,20 +31,27 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="module")
-def inputs(request):
+def inputs(request, bandwidth_bytes):
+    """Inputs of one (case, dtype), and the host bandwidth measured just before making them.
+
+    The bandwidth a core can pull on a shared machine follows the host's load, so each
+    (case, dtype) gets its own denominator rather than the session's first measurement.
+    """
     case, dtype = request.param
+    host_bandwidth = measure_bandwidth(bandwidth_bytes, runs=5)
     made = registry.make_inputs(case, dtype)
-    yield made
+    yield made, host_bandwidth
     del made
     gc.collect()
 
 
 def test_batchnorm(request, benchmark, inputs, operation, implementation):
+    inputs, host_bandwidth = inputs
     reason = registry.unavailable_reason(implementation)
     if reason is not None:
         pytest.skip(reason)
-    bandwidth = request.getfixturevalue("gpu_bandwidth" if implementation == "cuda"
-                                        else "bandwidth")
+    bandwidth = (request.getfixturevalue("gpu_bandwidth") if implementation == "cuda"
+                 else host_bandwidth)
     body = registry.REGISTRY[operation][implementation](inputs)
     body()  # warm-up: JIT compilation and cache loads stay out of the timings
     moved = bytes_moved(operation, inputs.tensor_bytes)

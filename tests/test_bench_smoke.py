@@ -143,13 +143,17 @@ def test_report_cli_end_to_end(tmp_path):
         set(results["machine"])
     assert {"python", "numpy", "numba", "torch"} <= set(results["versions"])
     assert results["bandwidth"]["roofline_gb_s"] > 0
+    assert len(results["bandwidth"]["per_shape_roofline_gb_s"]) == 2  # 2 shapes x 1 dtype
+    assert len(results["bandwidth_probes"]) == 3  # start, between the shapes, end
     assert len(results["rows"]) == 2 * len(PASSES) * 2  # 2 shapes, numpy and cpu
     assert [s["implementation"] for s in results["skipped"]] == ["cuda"]  # never faked
     for row in results["rows"]:
         assert row["median_s"] > 0
         assert row["bytes"] == bytes_moved(row["pass"], 4 * math.prod(row["shape"]))
+        per_shape = results["bandwidth"]["per_shape_roofline_gb_s"]
+        assert row["roofline_gb_s"] == per_shape[row["segment"]]
         assert row["roofline_percent"] == pytest.approx(roofline_percent(
-            row["bytes"], row["median_s"], results["bandwidth"]["roofline_gb_s"]))
+            row["bytes"], row["median_s"], row["roofline_gb_s"]))
         if row["implementation"] == "numpy":
             assert row["speedup_vs_numpy"] == pytest.approx(1.0)
     assert all(v["status"] == "SKIP" for v in results["targets"])
@@ -208,7 +212,15 @@ def test_cuda_rows_use_the_gpu_roofline():
         [registry.TINY_CASES[0]], ["float32"], ["numpy", "cuda"], ["forward-eval"],
         repeats=1, min_sample_s=1e-4, progress=None)
     assert failures == []
-    report.add_roofline(rows, host, gpu)
+    report.add_roofline(rows, [host], gpu)
     by_impl = {r["implementation"]: r for r in rows}
     assert by_impl["cuda"]["roofline_gb_s"] == gpu.roofline_gb_s
     assert by_impl["numpy"]["roofline_gb_s"] == host.roofline_gb_s
+
+
+def test_cache_resident_rows_are_flagged_by_working_set():
+    from fastbn.bench.roofline import partly_cache_resident
+    mib = 2**20
+    assert partly_cache_resident("forward-train", 12 * mib, 32 * mib)   # 24 MiB of x and y
+    assert not partly_cache_resident("backward", 205 * mib, 32 * mib)
+    assert not partly_cache_resident("moments", 1, None)                # cache size unknown

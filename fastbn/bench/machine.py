@@ -26,6 +26,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_identity() -> str | None:
+    """Vendor, family, model and stepping: they tell CPUs apart where the model name is
+    generic (virtual machines often report just "AMD EPYC")."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return None
+    if "vendor_id" not in fields:
+        return None
+    return (f"{fields['vendor_id']} family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')} stepping {fields.get('stepping', '?')}")
+
+
 def cpu_flags() -> list[str]:
     """The SIMD extensions relevant to the kernels' vector width."""
     wanted = ("avx512f", "avx2", "avx", "sse4_2", "neon", "asimd")
@@ -100,6 +119,7 @@ def machine_info() -> dict:
         pass
     return {
         "cpu": cpu_model(),
+        "cpu_identity": cpu_identity(),
         "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gc
 import json
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Callable, Iterable, TextIO
 
 from . import machine, registry
 from .compile_time import WARM_FIRST_RESULT_TARGET_S, measure_compile_time
 from .registry import BASELINE, CASES, DEFAULT_CASES, DTYPES, IMPLEMENTATIONS, Case
-from .roofline import (PASSES, Bandwidth, bytes_moved, gb_per_s, measure_bandwidth,
-                       measure_gpu_bandwidth, roofline_percent)
+from .roofline import (PASS_STREAMS, PASSES, Bandwidth, bytes_moved, gb_per_s,
+                       measure_bandwidth, measure_gpu_bandwidth, partly_cache_resident,
+                       roofline_percent)
 from .timing import time_body
 
 SCHEMA = "fastbn-bench/1"
@@ -32,6 +34,7 @@ QUICK_REPEATS = 3
 FULL_REPEATS = 5
 QUICK_MIN_SAMPLE_S = 0.02
 FULL_MIN_SAMPLE_S = 0.1
+BETWEEN_CASES_RUNS = 5  # bandwidth runs before each (shape, dtype); 15 at the start and end
 
 
 # ----------------------------------------------------------------------------- targets
@@ -133,12 +136,16 @@ def available_implementations(requested: Iterable[str],
     return runnable, skipped
 
 
-def add_roofline(rows: list[dict], bandwidth: Bandwidth,
+def add_roofline(rows: list[dict], host_by_segment: list[Bandwidth],
                  gpu_bandwidth: Bandwidth | None = None) -> None:
-    """Set each row's roofline denominator and % of roofline: device memory for the cuda
-    rows, host memory for the others."""
+    """Set each row's roofline denominator and % of roofline.
+
+    A host row is compared with ``host_by_segment[row["segment"]]``, the bandwidth measured
+    around its (shape, dtype); a cuda row with the GPU's device-memory bandwidth.
+    """
     for row in rows:
-        denominator = (gpu_bandwidth if row["implementation"] == "cuda" else bandwidth)
+        denominator = (gpu_bandwidth if row["implementation"] == "cuda"
+                       else host_by_segment[row["segment"]])
         row["roofline_gb_s"] = denominator.roofline_gb_s
         row["roofline_percent"] = roofline_percent(row["bytes"], row["median_s"],
                                                    denominator.roofline_gb_s)
@@ -146,66 +153,73 @@ def add_roofline(rows: list[dict], bandwidth: Bandwidth,
 
 def run_benchmarks(cases: list[Case], dtypes: list[str], implementations: list[str],
                    passes: list[str], repeats: int, min_sample_s: float,
-                   progress: TextIO | None = sys.stderr) -> tuple[list[dict], list[dict]]:
+                   progress: TextIO | None = sys.stderr,
+                   between_cases: Callable[[], None] | None = None
+                   ) -> tuple[list[dict], list[dict]]:
     """Time every (case, dtype, pass, implementation); returns result rows and failures.
 
-    Rows carry bytes and GB/s; :func:`add_roofline` adds the % of roofline once the bandwidth
-    is known. Inputs are built once per (case, dtype) and freed before the next, so the large
-    shapes never share memory.
+    Rows carry bytes, GB/s and ``segment``, the index of their (case, dtype) in run order;
+    :func:`add_roofline` adds the % of roofline once the bandwidth is known.
+    ``between_cases`` runs between consecutive (case, dtype), with no inputs alive (the
+    report measures bandwidth there). Inputs are built once per (case, dtype) and freed before the
+    next, so the large shapes never share memory.
     """
     rows, failures = [], []
     total = len(cases) * len(dtypes) * sum(impl in registry.REGISTRY[op]
                                            for op in passes for impl in implementations)
     done = 0
     started = time.perf_counter()
-    for case in cases:
-        for dtype in dtypes:
-            inputs = registry.make_inputs(case, dtype)
-            tensor_bytes = inputs.tensor_bytes
-            for operation in passes:
-                group = []
-                for impl in implementations:
-                    if impl not in registry.REGISTRY[operation]:
-                        continue  # e.g. no out= variant of moments
-                    done += 1
-                    prefix = (f"[{done:>3}/{total}] {impl:<7} {operation:<13} "
-                              f"{case.label:<19} {dtype:<8}")
-                    try:
-                        body = registry.REGISTRY[operation][impl](inputs)
-                        timing = time_body(body, repeats=repeats, min_sample_s=min_sample_s)
-                    except Exception as exc:  # a broken implementation must not hide the rest
-                        failures.append({"implementation": impl, "pass": operation,
-                                         "case": case.name, "dtype": dtype,
-                                         "error": f"{type(exc).__name__}: {exc}"})
-                        _stderr(f"{prefix} FAILED: {type(exc).__name__}: {exc}", progress)
-                        continue
-                    finally:
-                        body = None
-                    moved = bytes_moved(operation, tensor_bytes)
-                    group.append({
-                        "implementation": impl,
-                        "pass": operation,
-                        "case": case.name,
-                        "shape": list(case.shape),
-                        "axis": case.axis,
-                        "layout": case.layout,
-                        "dtype": dtype,
-                        "median_s": timing.median_s,
-                        "min_s": timing.min_s,
-                        "repeats": timing.repeats,
-                        "calls_per_sample": timing.number,
-                        "bytes": moved,
-                        "gb_per_s": gb_per_s(moved, timing.median_s),
-                    })
-                    _stderr(f"{prefix} {_format_seconds(timing.median_s):>10}   "
-                            f"({time.perf_counter() - started:.0f} s elapsed)", progress)
-                baseline = next((r for r in group if r["implementation"] == BASELINE), None)
-                for row in group:
-                    row["speedup_vs_numpy"] = (baseline["median_s"] / row["median_s"]
-                                               if baseline else None)
-                rows.extend(group)
-            del inputs
-            gc.collect()
+    segments = [(case, dtype) for case in cases for dtype in dtypes]
+    for segment, (case, dtype) in enumerate(segments):
+        if between_cases is not None and segment > 0:
+            between_cases()
+        inputs = registry.make_inputs(case, dtype)
+        tensor_bytes = inputs.tensor_bytes
+        for operation in passes:
+            group = []
+            for impl in implementations:
+                if impl not in registry.REGISTRY[operation]:
+                    continue  # e.g. no out= variant of moments
+                done += 1
+                prefix = (f"[{done:>3}/{total}] {impl:<7} {operation:<13} "
+                          f"{case.label:<19} {dtype:<8}")
+                try:
+                    body = registry.REGISTRY[operation][impl](inputs)
+                    timing = time_body(body, repeats=repeats, min_sample_s=min_sample_s)
+                except Exception as exc:  # a broken implementation must not hide the rest
+                    failures.append({"implementation": impl, "pass": operation,
+                                     "case": case.name, "dtype": dtype,
+                                     "error": f"{type(exc).__name__}: {exc}"})
+                    _stderr(f"{prefix} FAILED: {type(exc).__name__}: {exc}", progress)
+                    continue
+                finally:
+                    body = None
+                moved = bytes_moved(operation, tensor_bytes)
+                group.append({
+                    "segment": segment,
+                    "implementation": impl,
+                    "pass": operation,
+                    "case": case.name,
+                    "shape": list(case.shape),
+                    "axis": case.axis,
+                    "layout": case.layout,
+                    "dtype": dtype,
+                    "median_s": timing.median_s,
+                    "min_s": timing.min_s,
+                    "repeats": timing.repeats,
+                    "calls_per_sample": timing.number,
+                    "bytes": moved,
+                    "gb_per_s": gb_per_s(moved, timing.median_s),
+                })
+                _stderr(f"{prefix} {_format_seconds(timing.median_s):>10}   "
+                        f"({time.perf_counter() - started:.0f} s elapsed)", progress)
+            baseline = next((r for r in group if r["implementation"] == BASELINE), None)
+            for row in group:
+                row["speedup_vs_numpy"] = (baseline["median_s"] / row["median_s"]
+                                           if baseline else None)
+            rows.extend(group)
+        del inputs
+        gc.collect()
     return rows, failures
 
 
@@ -242,20 +256,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_text(m: dict) -> str:
+    identity = m.get("cpu_identity")
+    return f"{m['cpu']} [{identity}]" if identity else m["cpu"]
+
+
 def format_header(results: dict) -> str:
     """Machine, versions and bandwidth: what a reader needs to reproduce or compare a run."""
     m, v, b = results["machine"], results["versions"], results["bandwidth"]
     torch_text = f"torch {v['torch']} ({m['torch_threads']} threads)" if v.get("torch") \
         else "torch not installed"
     lines = [
-        f"machine   {m['cpu']}, {m['usable_cpus']} cores, "
+        f"machine   {_cpu_text(m)}, {m['usable_cpus']} cores, "
         f"Numba {m['numba_threads']} threads ({m['numba_threading_layer']} layer)"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
         f"versions  Python {v['python']}, fastbn {v['fastbn']}, NumPy {v['numpy']}, "
         f"Numba {v['numba']}, {torch_text}",
         f"bandwidth read {b['read_gb_s']:.1f} GB/s, read+write {b['read_write_gb_s']:.1f} GB/s "
-        f"over {b['array_bytes'] / 2**20:.0f} MiB, best of {b['runs']}; roofline uses "
-        f"{b['roofline_gb_s']:.1f} GB/s ({b['roofline_source']})",
+        f"over {b['array_bytes'] / 2**20:.0f} MiB, best of {b['runs']} runs"
+        + _roofline_range_text(b),
     ]
     g = results.get("gpu_bandwidth")
     if g:
@@ -268,6 +287,14 @@ def format_header(results: dict) -> str:
                                         for op, pct in b["attainable_percent"].items()),
     ]
     return "\n".join(lines)
+
+
+def _roofline_range_text(b: dict) -> str:
+    per_shape = b.get("per_shape_roofline_gb_s")
+    if not per_shape:
+        return f"; roofline uses {b['roofline_gb_s']:.1f} GB/s"
+    return (f"; each shape's roofline is the faster stream measured just before and after it: "
+            f"{min(per_shape):.1f} to {max(per_shape):.1f} GB/s")
 
 
 def format_targets(verdicts: list[dict]) -> str:
@@ -308,13 +335,14 @@ def to_markdown(results: dict, implementations: list[str] | None = None,
     date = results["created"][:10]
     torch_text = f", PyTorch {v['torch']}" if v.get("torch") else ""
     out = [
-        f"Measured {date} on {m['cpu']} ({m['usable_cpus']} cores, Numba "
+        f"Measured {date} on {_cpu_text(m)} ({m['usable_cpus']} cores, Numba "
         f"{m['numba_threads']} threads, {m['numba_threading_layer']} layer"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"); Python {v['python']}, "
         f"fastbn {v['fastbn']}, NumPy {v['numpy']}, Numba {v['numba']}{torch_text}. "
-        f"Measured bandwidth: read {b['read_gb_s']:.1f} GB/s, read+write "
-        f"{b['read_write_gb_s']:.1f} GB/s; roofline = passes x tensor bytes / "
-        f"{b['roofline_gb_s']:.1f} GB/s"
+        f"Best measured bandwidth: read {b['read_gb_s']:.1f} GB/s, read+write "
+        f"{b['read_write_gb_s']:.1f} GB/s; roofline = passes x tensor bytes / bandwidth"
+        + _roofline_range_text(b).replace("; each", ", each", 1).replace("; roofline uses",
+                                                                          " of", 1)
         + (f" (cuda rows: / {results['gpu_bandwidth']['roofline_gb_s']:.0f} GB/s of device "
            "memory)" if results.get("gpu_bandwidth") else "") + ".",
         "",
@@ -331,6 +359,8 @@ def to_markdown(results: dict, implementations: list[str] | None = None,
         if key not in keys:
             keys.append(key)
     keys.sort(key=lambda k: PASSES.index(k[0]))
+    cache_bytes = m.get("last_level_cache_bytes") or 0
+    any_cache_resident = False
     for operation, case_name, dtype in keys:
         cells = []
         shape = None
@@ -342,11 +372,19 @@ def to_markdown(results: dict, implementations: list[str] | None = None,
                 cells.append("-")
                 continue
             shape = _case_of(row).label
+            if partly_cache_resident(operation, row["bytes"] // PASS_STREAMS[operation],
+                                     cache_bytes):
+                shape += " *"
+                any_cache_resident = True
             speedup = row.get("speedup_vs_numpy")
             cells.append(f"{_format_seconds(row['median_s'])}, "
                          + ("" if speedup is None else f"{speedup:.1f}x, ")
                          + f"{row['roofline_percent']:.0f} %")
         out.append(f"| {operation} | {shape} | {dtype} | " + " | ".join(cells) + " |")
+    if any_cache_resident:
+        out += ["", f"\\* The arrays this pass touches total at most twice the "
+                f"{cache_bytes / 2**20:.0f} MiB last-level cache: part of them stays in cache "
+                "between calls, so the % of the memory roofline can exceed 100."]
     skipped = results.get("skipped", [])
     if skipped:
         out += ["", "Not measured: " + "; ".join(f"{s['implementation']} ({s['reason']})"
@@ -398,9 +436,10 @@ def write_plot(results: dict, path: Path) -> bool:
             if j == 0:
                 ax.set_ylabel("% of memory roofline")
     m, b = results["machine"], results["bandwidth"]
+    per_shape = b.get("per_shape_roofline_gb_s") or [b["roofline_gb_s"]]
     fig.suptitle(f"fastbn, {m['cpu']}, {m['usable_cpus']} cores, {results['created'][:10]}; "
-                 f"roofline {b['roofline_gb_s']:.1f} GB/s ({b['roofline_source']})",
-                 fontsize=10)
+                 f"memory roofline {min(per_shape):.0f} to {max(per_shape):.0f} GB/s "
+                 "(measured around each shape)", fontsize=10)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -468,11 +507,19 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
         import torch
         torch.set_num_threads(registry.torch_threads())
 
-    # Bandwidth is measured before and after the timings and the best of each stream kept:
-    # on a busy machine one measurement can land in a noisy moment and flatter every row.
+    # On a shared machine the rate a core can pull from memory follows the load on the host
+    # (here it swung between about 35 and 60 GB/s within minutes), so one measurement at the
+    # start would misjudge rows timed later. Bandwidth is measured at the start, between
+    # consecutive (shape, dtype) and at the end; each row is compared with the best of the
+    # measurements just before and just after its shape.
     bandwidth_bytes = args.bandwidth_mib * 2**20 if args.bandwidth_mib else None
     _stderr("measuring memory bandwidth ...", progress)
     bandwidth = measure_bandwidth(bandwidth_bytes)
+    probes = [bandwidth]
+
+    def measure_between_cases() -> None:
+        probes.append(measure_bandwidth(bandwidth_bytes, runs=BETWEEN_CASES_RUNS))
+
     gpu_bandwidth = None
     if "cuda" in implementations:
         _stderr("measuring GPU memory bandwidth ...", progress)
@@ -494,14 +541,17 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
     _stderr(format_header(results), progress)
 
     rows, failures = run_benchmarks(cases, dtypes, implementations, passes, repeats,
-                                    min_sample_s, progress)
+                                    min_sample_s, progress, measure_between_cases)
     _stderr("measuring memory bandwidth again ...", progress)
-    bandwidth = bandwidth.best_with(measure_bandwidth(bandwidth_bytes))
-    results["bandwidth"] = bandwidth.to_dict()
+    probes.append(measure_bandwidth(bandwidth_bytes))
+    around_segment = [before.best_with(after) for before, after in zip(probes, probes[1:])]
+    results["bandwidth"] = functools.reduce(Bandwidth.best_with, probes).to_dict()
+    results["bandwidth"]["per_shape_roofline_gb_s"] = [b.roofline_gb_s for b in around_segment]
+    results["bandwidth_probes"] = [b.to_dict() for b in probes]
     if gpu_bandwidth is not None:
         gpu_bandwidth = gpu_bandwidth.best_with(measure_gpu_bandwidth())
         results["gpu_bandwidth"] = gpu_bandwidth.to_dict()
-    add_roofline(rows, bandwidth, gpu_bandwidth)
+    add_roofline(rows, around_segment, gpu_bandwidth)
     results["rows"] = rows
     results["failures"] = failures
     if with_compile_time:

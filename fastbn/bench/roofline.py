@@ -28,6 +28,16 @@ PASS_STREAMS: dict[str, int] = {
     "moments": 1,
 }
 PASSES: tuple[str, ...] = tuple(PASS_STREAMS)
+# Tensors each pass touches (x, dy, y/dx): its working set, to tell DRAM-bound rows from
+# rows whose arrays partly stay in the last-level cache between calls.
+WORKING_SET_TENSORS: dict[str, int] = {
+    "forward-train": 2,
+    "forward-eval": 2,
+    "backward": 3,
+    "moments": 1,
+}
+CACHE_RESIDENT_FACTOR = 2  # a working set up to 2x the cache is still served partly from it
+
 # The same streams as (read-only streams, read+write pairs), to say how close to the roofline a
 # pass can get on this machine: writes stream slower than reads.
 PASS_MIX: dict[str, tuple[int, int]] = {
@@ -48,6 +58,15 @@ def bytes_moved(operation: str, tensor_bytes: int) -> int:
         return PASS_STREAMS[operation] * int(tensor_bytes)
     except KeyError:
         raise ValueError(f"unknown pass {operation!r}; choose one of {PASSES}") from None
+
+
+def partly_cache_resident(operation: str, tensor_bytes: int, cache_bytes: int | None) -> bool:
+    """Whether a pass's arrays are small enough to stay partly in a cache of ``cache_bytes``
+    between calls, so its % of the memory roofline may exceed 100."""
+    if not cache_bytes:
+        return False
+    working_set = WORKING_SET_TENSORS[operation] * tensor_bytes
+    return working_set <= CACHE_RESIDENT_FACTOR * cache_bytes
 
 
 def gb_per_s(n_bytes: float, seconds: float) -> float:
