@@ -5,6 +5,7 @@ Everything here runs before any state changes, so a bad call raises and leaves n
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -60,8 +61,8 @@ def feature_layout(shape: tuple[int, ...], axis: int, num_features: int | None =
     if num_features is not None and features != num_features:
         raise ValueError(f"expected {num_features} features along axis {axis} of {name}, "
                          f"got {features} (input shape {tuple(shape)})")
-    outer = int(np.prod(shape[:axis], dtype=np.int64))
-    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1:])
     if features == 0 or outer * inner == 0:
         raise ValueError(f"{name} is empty (shape {tuple(shape)}): batch norm needs at least "
                          "one value per feature")
