@@ -1,7 +1,9 @@
 """The ``"cpu"`` backend: Numba ``@njit(parallel=True)`` kernels (see ``cpu_kernels``).
 
 Forward-train streams the tensor three times (statistics, then read + write of the fused pass);
-eval twice; backward five times (read dy and x to reduce, read dy and x and write dx).
+eval twice; backward five times (read dy and x to reduce, read dy and x and write dx). Outputs
+come from a pool of recycled buffers (``buffers.POOL``), so that a fresh output's page faults do
+not add a pass.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numba
 import numpy as np
 
 from . import cpu_kernels as k
+from .buffers import POOL
 from .host import (asarray, astype, backward_coefficients, canonical, is_native,  # noqa: F401
                    nonfinite_features, output_view, per_feature, to_host, to_output, unavailable_reason,
                    update_running_stats)
@@ -52,7 +55,7 @@ def normalize(x3, mean, var, gamma, beta, eps, out3=None):
     invstd = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
     scale = per_feature(gamma, features, 1.0) * invstd
     shift = per_feature(beta, features, 0.0) - np.asarray(mean, dtype=np.float64) * scale
-    y3 = np.empty_like(x3) if out3 is None else out3
+    y3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
     if x3.shape[2] == 1:
         _launch(k.scale_shift_channels_last, _rows(x3), scale, shift, numba.get_num_threads(),
                 _rows(y3))
@@ -74,7 +77,7 @@ def backward(dy3, x3, gamma, mean, invstd, batch_stats, out3=None):
                                      k.planar_chunk(inner), numba.get_num_threads())
     k1, k2, k3 = backward_coefficients(per_feature(gamma, features, 1.0), mean, invstd,
                                        sum_dy, sum_dy_xmu, outer * inner, batch_stats)
-    dx3 = np.empty_like(x3) if out3 is None else out3
+    dx3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
     if inner == 1:
         _launch(k.backward_elementwise_channels_last, _rows(dy3), _rows(x3), k1, k2, k3,
                 numba.get_num_threads(), _rows(dx3))
