@@ -249,12 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", default="cpu", choices=fastbn.available_backends())
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    # OpenBLAS's idle threads spin between matmuls; on 2 cores they fight Numba's parallel
-    # kernels and each BN call waits for a core (measured: 2.8 s instead of 0.03 s for two
-    # epochs). These matrices are far too small for threaded BLAS to help anyway.
-    from threadpoolctl import threadpool_limits
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _run_experiments(args)
+    return _run_experiments(args)
 
 
 def _run_experiments(args: argparse.Namespace) -> dict:

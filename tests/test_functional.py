@@ -233,3 +233,24 @@ def test_bad_out_arrays(backend):
         fastbn.batch_norm(x, rm, rv, training=True, backend=backend,
                           out=np.empty((3, 4), np.float32).T)
     np.testing.assert_array_equal(rm, 0.0)  # rejected before the running stats moved
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_cpu_parallel_path_matches_reference(monkeypatch, dtype, shape, axis):
+    """Small inputs run serially; force the threaded kernels on the same cases."""
+    from fastbn.backends import cpu
+
+    monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
+    x = make(shape, dtype)
+    dy = make(shape, dtype, seed=5)
+    C = shape[axis]
+    gamma, beta = affine(C)
+    y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, backend="cpu")
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, gamma, mean, invstd, axis=axis,
+                                                   backend="cpu")
+    ref.assert_close(y, ref.forward(x, gamma, beta, axis=axis)[0], dtype, what="y")
+    exp_dx, exp_dgamma, exp_dbeta = ref.backward(dy, x, gamma, axis=axis)
+    ref.assert_close(dx, exp_dx, dtype, what="dx")
+    ref.assert_close(dgamma, exp_dgamma, dtype, scale=x.size, what="dgamma")
+    ref.assert_close(dbeta, exp_dbeta, dtype, scale=x.size, what="dbeta")

@@ -17,11 +17,13 @@ stay in cache is summed twice (mean, then squared deviations, both plain vectori
 the chunk's moments are merged with Chan's formula. Per-element Welford would need a divide per
 element and does not vectorize.
 
-Reductions take ``max_threads`` as an argument: calling ``numba.get_num_threads()`` inside a
+Kernels take ``max_threads`` as their last argument: calling ``numba.get_num_threads()`` inside a
 kernel makes it uncacheable (a dynamic global), and every process would recompile.
 """
 
 from __future__ import annotations
+
+import types
 
 import numpy as np
 from numba import njit, prange
@@ -30,6 +32,25 @@ from numba import njit, prange
 # still propagate to the statistics, where the non-finite check looks for them.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 KERNEL = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
+SERIAL_KERNEL = dict(cache=True, fastmath=FASTMATH, nogil=True)
+
+#: The single-threaded compilation of each parallel kernel, by kernel name.
+SERIAL = {}
+
+
+def threaded_and_serial(kernel):
+    """Compile a kernel with ``parallel=True``, and once more without it into ``SERIAL``.
+
+    Small inputs take the serial one: entering a ``parallel=True`` function synchronizes with
+    Numba's thread pool even when it then runs one thread, and when BLAS threads still spin on
+    the cores after a matmul that costs milliseconds (measured: 8 ms per call beside a 64x128
+    matmul, against 6 us). The copy gets its own name, so the two compilations cache apart.
+    """
+    serial = types.FunctionType(kernel.__code__, kernel.__globals__, kernel.__name__ + "_serial",
+                                kernel.__defaults__, kernel.__closure__)
+    serial.__qualname__ = kernel.__qualname__ + "_serial"
+    SERIAL[kernel.__name__] = njit(**SERIAL_KERNEL)(serial)
+    return njit(**KERNEL)(kernel)
 
 PLANAR_CHUNK = 4096        # elements of one row read twice from L1/L2 by batch_moments_planar
 BLOCK_ELEMENTS = 65536     # elements in a block of channels-last rows (256 KiB of float32: L2)
@@ -108,7 +129,7 @@ def moments_items_planar(x, chunk, lo, hi, count, mean, m2):
         count[c], mean[c], m2[c] = chan_merge(count[c], mean[c], m2[c], n_b, mean_b, m2_b)
 
 
-@njit(**KERNEL)
+@threaded_and_serial
 def batch_moments_planar(x, chunk, max_threads):
     outer, features, inner = x.shape
     items = outer * features * ((inner + chunk - 1) // chunk)
@@ -147,7 +168,7 @@ def moments_items_channels_last(x, block_rows, lo, hi, count, mean, m2):
                                                   n_b, block_mean[c], block_m2[c])
 
 
-@njit(**KERNEL)
+@threaded_and_serial
 def batch_moments_channels_last(x, block_rows, max_threads):
     rows, features = x.shape
     blocks = (rows + block_rows - 1) // block_rows
@@ -179,8 +200,8 @@ def scale_shift_items_planar(x, scale, shift, chunk, lo, hi, y):
             yr[i] = xr[i] * a + b
 
 
-@njit(**KERNEL)
-def scale_shift_planar(x, scale, shift, chunk, max_threads, y):
+@threaded_and_serial
+def scale_shift_planar(x, scale, shift, chunk, y, max_threads):
     outer, features, inner = x.shape
     items = outer * features * ((inner + chunk - 1) // chunk)
     threads = max(1, min(max_threads, items))
@@ -197,8 +218,8 @@ def scale_shift_items_channels_last(x, scale, shift, lo, hi, y):
             y[r, c] = x[r, c] * scale[c] + shift[c]
 
 
-@njit(**KERNEL)
-def scale_shift_channels_last(x, scale, shift, max_threads, y):
+@threaded_and_serial
+def scale_shift_channels_last(x, scale, shift, y, max_threads):
     rows = x.shape[0]
     threads = max(1, min(max_threads, rows))
     for t in prange(threads):
@@ -226,7 +247,7 @@ def backward_reduce_items_planar(dy, x, mean, chunk, lo, hi, sum_dy, sum_dy_xmu)
         sum_dy_xmu[c] += p
 
 
-@njit(**KERNEL)
+@threaded_and_serial
 def backward_reduce_planar(dy, x, mean, chunk, max_threads):
     outer, features, inner = x.shape
     items = outer * features * ((inner + chunk - 1) // chunk)
@@ -249,7 +270,7 @@ def backward_reduce_items_channels_last(dy, x, mean, lo, hi, sum_dy, sum_dy_xmu)
             sum_dy_xmu[c] += g * (x[r, c] - mean[c])
 
 
-@njit(**KERNEL)
+@threaded_and_serial
 def backward_reduce_channels_last(dy, x, mean, max_threads):
     rows, features = x.shape
     threads = max(1, min(max_threads, rows))
@@ -277,8 +298,8 @@ def backward_elementwise_items_planar(dy, x, k1, k2, k3, chunk, lo, hi, dx):
             dxr[i] = dyr[i] * a + xr[i] * b + d
 
 
-@njit(**KERNEL)
-def backward_elementwise_planar(dy, x, k1, k2, k3, chunk, max_threads, dx):
+@threaded_and_serial
+def backward_elementwise_planar(dy, x, k1, k2, k3, chunk, dx, max_threads):
     outer, features, inner = x.shape
     items = outer * features * ((inner + chunk - 1) // chunk)
     threads = max(1, min(max_threads, items))
@@ -295,8 +316,8 @@ def backward_elementwise_items_channels_last(dy, x, k1, k2, k3, lo, hi, dx):
             dx[r, c] = dy[r, c] * k1[c] + x[r, c] * k2[c] + k3[c]
 
 
-@njit(**KERNEL)
-def backward_elementwise_channels_last(dy, x, k1, k2, k3, max_threads, dx):
+@threaded_and_serial
+def backward_elementwise_channels_last(dy, x, k1, k2, k3, dx, max_threads):
     rows = x.shape[0]
     threads = max(1, min(max_threads, rows))
     for t in prange(threads):
