@@ -103,7 +103,8 @@ def moments(x: ArrayLike, axis: int = 1, backend: str | None = None) -> tuple[An
     Returns
     -------
     mean, var : arrays of shape (C,) in x's dtype
-        Accumulated in float64 (single pass, chunks merged with Chan's formula).
+        The cpu and cuda backends accumulate in float64 (one pass over memory, chunks merged
+        with Chan's formula); the naive ``"numpy"`` backend computes in x's dtype.
     """
     prepared = prepare(x, axis, resolve(backend, like=x))
     mean, var = prepared.backend.moments(prepared.x3)

@@ -19,7 +19,8 @@ functions, so the functional layer can call any of them without knowing what run
 ``to_host(a)``
     A NumPy copy of a backend array.
 ``moments(x3) -> (mean, var)``
-    Per-feature mean and biased variance, shape ``(C,)``, float64.
+    Per-feature mean and biased variance, shape ``(C,)``, returned as float64 (accumulated in
+    float64 by cpu and cuda; the naive numpy backend computes in x's dtype).
 ``output_view(out, shape3, name)``
     The canonical view of a caller-supplied output array (``out=``), checked to be writeable
     and contiguous so results land in it.

@@ -184,7 +184,8 @@ class Implementation:
 IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (
     Implementation("numpy", "fastbn backend 'numpy', the textbook formulas in whole-array NumPy",
                    "naive NumPy", lambda sim: _fastbn_unavailable("numpy")),
-    Implementation("cpu", "fastbn backend 'cpu' (Numba), output allocated by each call",
+    Implementation("cpu",
+                   "fastbn backend 'cpu' (Numba), a new output per call (from its buffer pool)",
                    "fastbn cpu", lambda sim: _fastbn_unavailable("cpu")),
     Implementation("cpu-out", "fastbn backend 'cpu' writing into a preallocated out= array",
                    "fastbn cpu, out=", lambda sim: _fastbn_unavailable("cpu")),
