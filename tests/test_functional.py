@@ -254,3 +254,22 @@ def test_cpu_parallel_path_matches_reference(monkeypatch, dtype, shape, axis):
     ref.assert_close(dx, exp_dx, dtype, what="dx")
     ref.assert_close(dgamma, exp_dgamma, dtype, scale=x.size, what="dgamma")
     ref.assert_close(dbeta, exp_dbeta, dtype, scale=x.size, what="dbeta")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((100, 4096), 1), ((4, 5, 6, 2000), -1), ((6, 4, 9000), 1)])
+def test_cpu_threaded_kernels_on_many_blocks(dtype, shape, axis):
+    """Large enough for the threaded kernels, with many chunks/blocks per thread to merge."""
+    x = make(shape, dtype, offset=100.0)
+    dy = make(shape, dtype, seed=5)
+    y, mean, invstd = fastbn.batch_norm_forward(x, axis=axis, backend="cpu")
+    exp_y, exp_mean, exp_invstd = ref.forward(x, axis=axis)
+    ref.assert_close(mean, exp_mean, dtype, what="mean")
+    ref.assert_close(invstd, exp_invstd, dtype, what="invstd")
+    ref.assert_close(y, exp_y, dtype, what="y")
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, None, mean, invstd, axis=axis,
+                                                   backend="cpu")
+    exp_dx, exp_dgamma, exp_dbeta = ref.backward(dy, x, axis=axis)
+    ref.assert_close(dx, exp_dx, dtype, what="dx")
+    ref.assert_close(dgamma, exp_dgamma, dtype, scale=x.size, what="dgamma")
+    ref.assert_close(dbeta, exp_dbeta, dtype, scale=x.size, what="dbeta")
