@@ -143,15 +143,16 @@ def test_report_cli_end_to_end(tmp_path):
         set(results["machine"])
     assert {"python", "numpy", "numba", "torch"} <= set(results["versions"])
     assert results["bandwidth"]["roofline_gb_s"] > 0
-    assert len(results["bandwidth"]["per_shape_roofline_gb_s"]) == 2  # 2 shapes x 1 dtype
-    assert len(results["bandwidth_probes"]) == 3  # start, between the shapes, end
+    groups = 2 * len(PASSES)  # 2 shapes x 1 dtype x every pass
+    assert len(results["bandwidth"]["per_group_roofline_gb_s"]) == groups
+    assert len(results["bandwidth_probes"]) == groups + 1  # start, between the groups, end
     assert len(results["rows"]) == 2 * len(PASSES) * 2  # 2 shapes, numpy and cpu
     assert [s["implementation"] for s in results["skipped"]] == ["cuda"]  # never faked
     for row in results["rows"]:
         assert row["median_s"] > 0
         assert row["bytes"] == bytes_moved(row["pass"], 4 * math.prod(row["shape"]))
-        per_shape = results["bandwidth"]["per_shape_roofline_gb_s"]
-        assert row["roofline_gb_s"] == per_shape[row["segment"]]
+        per_group = results["bandwidth"]["per_group_roofline_gb_s"]
+        assert row["roofline_gb_s"] == per_group[row["segment"]]
         assert row["roofline_percent"] == pytest.approx(roofline_percent(
             row["bytes"], row["median_s"], row["roofline_gb_s"]))
         if row["implementation"] == "numpy":

@@ -34,7 +34,7 @@ QUICK_REPEATS = 3
 FULL_REPEATS = 5
 QUICK_MIN_SAMPLE_S = 0.02
 FULL_MIN_SAMPLE_S = 0.1
-BETWEEN_CASES_RUNS = 5  # bandwidth runs before each (shape, dtype); 15 at the start and end
+BETWEEN_CASES_RUNS = 5  # bandwidth runs before each (shape, dtype, pass); 15 at start and end
 
 
 # ----------------------------------------------------------------------------- targets
@@ -141,7 +141,7 @@ def add_roofline(rows: list[dict], host_by_segment: list[Bandwidth],
     """Set each row's roofline denominator and % of roofline.
 
     A host row is compared with ``host_by_segment[row["segment"]]``, the bandwidth measured
-    around its (shape, dtype); a cuda row with the GPU's device-memory bandwidth.
+    around its (shape, dtype, pass); a cuda row with the GPU's device-memory bandwidth.
     """
     for row in rows:
         denominator = (gpu_bandwidth if row["implementation"] == "cuda"
@@ -158,24 +158,25 @@ def run_benchmarks(cases: list[Case], dtypes: list[str], implementations: list[s
                    ) -> tuple[list[dict], list[dict]]:
     """Time every (case, dtype, pass, implementation); returns result rows and failures.
 
-    Rows carry bytes, GB/s and ``segment``, the index of their (case, dtype) in run order;
+    Rows carry bytes, GB/s and ``segment``, the index of their (case, dtype, pass) in run order;
     :func:`add_roofline` adds the % of roofline once the bandwidth is known.
-    ``between_cases`` runs between consecutive (case, dtype), with no inputs alive (the
-    report measures bandwidth there). Inputs are built once per (case, dtype) and freed before the
-    next, so the large shapes never share memory.
+    ``between_cases`` runs between consecutive segments (the report measures bandwidth there,
+    so each pass is judged against the bandwidth of the seconds around it). Inputs are built once
+    per (case, dtype) and freed before the next, so the large shapes never share memory.
     """
     rows, failures = [], []
     total = len(cases) * len(dtypes) * sum(impl in registry.REGISTRY[op]
                                            for op in passes for impl in implementations)
     done = 0
     started = time.perf_counter()
-    segments = [(case, dtype) for case in cases for dtype in dtypes]
-    for segment, (case, dtype) in enumerate(segments):
-        if between_cases is not None and segment > 0:
-            between_cases()
+    segment = -1
+    for case, dtype in ((case, dtype) for case in cases for dtype in dtypes):
         inputs = registry.make_inputs(case, dtype)
         tensor_bytes = inputs.tensor_bytes
         for operation in passes:
+            segment += 1
+            if between_cases is not None and segment > 0:
+                between_cases()
             group = []
             for impl in implementations:
                 if impl not in registry.REGISTRY[operation]:
@@ -290,11 +291,11 @@ def format_header(results: dict) -> str:
 
 
 def _roofline_range_text(b: dict) -> str:
-    per_shape = b.get("per_shape_roofline_gb_s")
-    if not per_shape:
+    per_group = b.get("per_group_roofline_gb_s")
+    if not per_group:
         return f"; roofline uses {b['roofline_gb_s']:.1f} GB/s"
-    return (f"; each shape's roofline is the faster stream measured just before and after it: "
-            f"{min(per_shape):.1f} to {max(per_shape):.1f} GB/s")
+    return (f"; each (shape, dtype, pass) is compared with the faster stream measured just "
+            f"before and after it: {min(per_group):.1f} to {max(per_group):.1f} GB/s")
 
 
 def format_targets(verdicts: list[dict]) -> str:
@@ -436,10 +437,10 @@ def write_plot(results: dict, path: Path) -> bool:
             if j == 0:
                 ax.set_ylabel("% of memory roofline")
     m, b = results["machine"], results["bandwidth"]
-    per_shape = b.get("per_shape_roofline_gb_s") or [b["roofline_gb_s"]]
+    per_group = b.get("per_group_roofline_gb_s") or [b["roofline_gb_s"]]
     fig.suptitle(f"fastbn, {m['cpu']}, {m['usable_cpus']} cores, {results['created'][:10]}; "
-                 f"memory roofline {min(per_shape):.0f} to {max(per_shape):.0f} GB/s "
-                 "(measured around each shape)", fontsize=10)
+                 f"memory roofline {min(per_group):.0f} to {max(per_group):.0f} GB/s "
+                 "(measured around each shape and pass)", fontsize=10)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -510,8 +511,8 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
     # On a shared machine the rate a core can pull from memory follows the load on the host
     # (here it swung between about 35 and 60 GB/s within minutes), so one measurement at the
     # start would misjudge rows timed later. Bandwidth is measured at the start, between
-    # consecutive (shape, dtype) and at the end; each row is compared with the best of the
-    # measurements just before and just after its shape.
+    # consecutive (shape, dtype, pass) groups and at the end; each row is compared with the
+    # best of the measurements just before and just after its group.
     bandwidth_bytes = args.bandwidth_mib * 2**20 if args.bandwidth_mib else None
     _stderr("measuring memory bandwidth ...", progress)
     bandwidth = measure_bandwidth(bandwidth_bytes)
@@ -546,7 +547,7 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
     probes.append(measure_bandwidth(bandwidth_bytes))
     around_segment = [before.best_with(after) for before, after in zip(probes, probes[1:])]
     results["bandwidth"] = functools.reduce(Bandwidth.best_with, probes).to_dict()
-    results["bandwidth"]["per_shape_roofline_gb_s"] = [b.roofline_gb_s for b in around_segment]
+    results["bandwidth"]["per_group_roofline_gb_s"] = [b.roofline_gb_s for b in around_segment]
     results["bandwidth_probes"] = [b.to_dict() for b in probes]
     if gpu_bandwidth is not None:
         gpu_bandwidth = gpu_bandwidth.best_with(measure_gpu_bandwidth())
