@@ -7,8 +7,6 @@ functions, so the functional layer can call any of them without knowing what run
 
 ``asarray(x, name)``
     Convert an input to the backend's array type (no copy when it already is one).
-``is_native(x)``
-    Whether ``x`` already lives where this backend computes (GPU arrays for ``"cuda"``).
 ``canonical(x, shape3)``
     The ``(outer, C, inner)`` view of ``x`` (a contiguous copy only where a view is impossible).
 ``astype(a, dtype)``

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import cpu_kernels as k
 from .buffers import POOL
-from .host import (asarray, astype, backward_coefficients, canonical, is_native,  # noqa: F401
+from .host import (asarray, astype, backward_coefficients, canonical,  # noqa: F401
                    nonfinite_features, output_view, per_feature, to_host, to_output, unavailable_reason,
                    update_running_stats)
 

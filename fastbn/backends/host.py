@@ -17,10 +17,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def is_native(x: Any) -> bool:
-    return not hasattr(x, "__cuda_array_interface__")
-
-
 def asarray(x: Any, name: str) -> np.ndarray:
     if hasattr(x, "__cuda_array_interface__"):
         raise TypeError(f"{name} is a GPU array; use backend='cuda' (or copy it to the host)")

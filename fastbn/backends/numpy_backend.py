@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .host import (asarray, astype, canonical, is_native, nonfinite_features, output_view,  # noqa: F401
+from .host import (asarray, astype, canonical, nonfinite_features, output_view,  # noqa: F401
                    per_feature, to_host, to_output, unavailable_reason, update_running_stats)
 
 NAME = "numpy"
