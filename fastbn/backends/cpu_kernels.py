@@ -105,6 +105,14 @@ def thread_range(items, threads, t):
 
 
 @njit(inline="always", cache=True)
+def planar_work(x, chunk):
+    """Number of chunks per row and of work items (row chunks) in a planar view."""
+    outer, features, inner = x.shape
+    n_chunks = (inner + chunk - 1) // chunk
+    return n_chunks, outer * features * n_chunks
+
+
+@njit(inline="always", cache=True)
 def planar_item(item, features, n_chunks, chunk, inner):
     """Which row ``(o, c)`` and which ``[start, stop)`` of it a planar work item covers."""
     row = item // n_chunks
@@ -122,7 +130,7 @@ def planar_item(item, features, n_chunks, chunk, inner):
 @njit(cache=True, fastmath=FASTMATH)
 def moments_items_planar(x, chunk, lo, hi, count, mean, m2):
     features, inner = x.shape[1], x.shape[2]
-    n_chunks = (inner + chunk - 1) // chunk
+    n_chunks = planar_work(x, chunk)[0]
     for item in range(lo, hi):
         o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
         n_b, mean_b, m2_b = chunk_moments(x[o, c, start:stop])
@@ -132,7 +140,7 @@ def moments_items_planar(x, chunk, lo, hi, count, mean, m2):
 @threaded_and_serial
 def batch_moments_planar(x, chunk, max_threads):
     outer, features, inner = x.shape
-    items = outer * features * ((inner + chunk - 1) // chunk)
+    items = planar_work(x, chunk)[1]
     threads = max(1, min(max_threads, items))
     count = np.zeros((threads, features))
     mean = np.zeros((threads, features))
@@ -189,7 +197,7 @@ def batch_moments_channels_last(x, block_rows, max_threads):
 @njit(cache=True, fastmath=FASTMATH)
 def scale_shift_items_planar(x, scale, shift, chunk, lo, hi, y):
     features, inner = x.shape[1], x.shape[2]
-    n_chunks = (inner + chunk - 1) // chunk
+    n_chunks = planar_work(x, chunk)[0]
     for item in range(lo, hi):
         o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
         a = scale[c]
@@ -203,7 +211,7 @@ def scale_shift_items_planar(x, scale, shift, chunk, lo, hi, y):
 @threaded_and_serial
 def scale_shift_planar(x, scale, shift, chunk, y, max_threads):
     outer, features, inner = x.shape
-    items = outer * features * ((inner + chunk - 1) // chunk)
+    items = planar_work(x, chunk)[1]
     threads = max(1, min(max_threads, items))
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
@@ -231,7 +239,7 @@ def scale_shift_channels_last(x, scale, shift, y, max_threads):
 @njit(cache=True, fastmath=FASTMATH)
 def backward_reduce_items_planar(dy, x, mean, chunk, lo, hi, sum_dy, sum_dy_xmu):
     features, inner = x.shape[1], x.shape[2]
-    n_chunks = (inner + chunk - 1) // chunk
+    n_chunks = planar_work(x, chunk)[0]
     for item in range(lo, hi):
         o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
         mu = mean[c]
@@ -250,7 +258,7 @@ def backward_reduce_items_planar(dy, x, mean, chunk, lo, hi, sum_dy, sum_dy_xmu)
 @threaded_and_serial
 def backward_reduce_planar(dy, x, mean, chunk, max_threads):
     outer, features, inner = x.shape
-    items = outer * features * ((inner + chunk - 1) // chunk)
+    items = planar_work(x, chunk)[1]
     threads = max(1, min(max_threads, items))
     sum_dy = np.zeros((threads, features))
     sum_dy_xmu = np.zeros((threads, features))
@@ -285,7 +293,7 @@ def backward_reduce_channels_last(dy, x, mean, max_threads):
 @njit(cache=True, fastmath=FASTMATH)
 def backward_elementwise_items_planar(dy, x, k1, k2, k3, chunk, lo, hi, dx):
     features, inner = x.shape[1], x.shape[2]
-    n_chunks = (inner + chunk - 1) // chunk
+    n_chunks = planar_work(x, chunk)[0]
     for item in range(lo, hi):
         o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
         a = k1[c]
@@ -301,7 +309,7 @@ def backward_elementwise_items_planar(dy, x, k1, k2, k3, chunk, lo, hi, dx):
 @threaded_and_serial
 def backward_elementwise_planar(dy, x, k1, k2, k3, chunk, dx, max_threads):
     outer, features, inner = x.shape
-    items = outer * features * ((inner + chunk - 1) // chunk)
+    items = planar_work(x, chunk)[1]
     threads = max(1, min(max_threads, items))
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)

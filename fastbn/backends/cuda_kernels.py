@@ -110,17 +110,26 @@ def planar_item(j, inner):
     return o, j - o * inner
 
 
+@cuda.jit(device=True)
+def planar_grid_stride(inner):
+    """This thread's block size, rank in the block, first element, grid stride, and the stride
+    as (o, i).
+
+    The stride is walked as a fixed (o, i) step instead of dividing j by inner at every element.
+    """
+    threads = cuda.blockDim.x
+    rank = cuda.threadIdx.x
+    stride = cuda.gridDim.x * threads
+    stride_o, stride_i = planar_item(stride, inner)
+    return threads, rank, cuda.blockIdx.x * threads + rank, stride, stride_o, stride_i
+
+
 # ----------------------------------------------------------------------------- statistics
 @cuda.jit(**KERNEL)
 def batch_moments_planar(x, part_count, part_mean, part_m2):
     outer, features, inner = x.shape
     n = outer * inner
-    threads = cuda.blockDim.x
-    rank = cuda.threadIdx.x
-    first = cuda.blockIdx.x * threads + rank
-    stride = cuda.gridDim.x * threads
-    # Walk (o, i) by a fixed step instead of dividing j by inner at every element.
-    stride_o, stride_i = planar_item(stride, inner)
+    threads, rank, first, stride, stride_o, stride_i = planar_grid_stride(inner)
     shared = cuda.shared.array(0, float64)
     s_count = shared[:threads]
     s_mean = shared[threads:2 * threads]
@@ -299,11 +308,7 @@ def scale_shift_channels_last(x, scale, shift, y):
 def backward_reduce_planar(dy, x, mean, part_sum_dy, part_sum_dy_xmu):
     outer, features, inner = x.shape
     n = outer * inner
-    threads = cuda.blockDim.x
-    rank = cuda.threadIdx.x
-    first = cuda.blockIdx.x * threads + rank
-    stride = cuda.gridDim.x * threads
-    stride_o, stride_i = planar_item(stride, inner)
+    threads, rank, first, stride, stride_o, stride_i = planar_grid_stride(inner)
     shared = cuda.shared.array(0, float64)
     s_dy = shared[:threads]
     s_dy_xmu = shared[threads:2 * threads]
