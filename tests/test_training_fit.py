@@ -16,7 +16,7 @@ HOST_BACKENDS = [b for b in BACKENDS if b != "cuda"]
 
 
 def _x(shape=(16, 4), seed=0, dtype=np.float64):
-    return (np.random.default_rng(seed).standard_normal(shape) * 2 + 1).astype(dtype)
+    return ref.random_array(shape, dtype, seed, offset=1.0, spread=2.0)
 
 
 def _step(bn, x, dy):
