@@ -58,7 +58,7 @@ COMPILE_EVERY_KERNEL = textwrap.dedent("""
             table[f"backward_elementwise_{layout}"] = [
                 (x, x, x, v64, v64, vt, vt, v64, v64, f64, boolean, boolean, f64, x, x)]
         table["merge_block_partials"] = [(p64, i64, s64)]
-        table["sum_block_partials"] = [(p64, i64, v64, s64)]
+        table["merge_gradient_partials"] = [(p64, i64, v64, s64)]
         table["update_running_stats"] = [(vt, vt, v64, v64, f64, f64, f64, f64,
                                           arr(types.int32, 1))]
         table["contiguous_copy"] = [(arr(t, 3, "A"), arr(t, 3))]
