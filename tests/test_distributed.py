@@ -9,6 +9,7 @@ SyncBatchNorm and the functional ``comm=`` API match ``BatchNorm`` on the concat
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 import re
@@ -225,6 +226,20 @@ def test_pickle_and_deepcopy_reattach_comm_world():
     assert layer.comm is MPI.COMM_SELF
 
 
+def test_state_dicts_move_between_sync_and_plain_layers():
+    MPI = mpi_or_skip()
+    sync = distributed.SyncBatchNorm(3, dtype=np.float64, comm=MPI.COMM_SELF)
+    sync.running_mean[...] = [1.0, 2.0, 3.0]
+    sync.num_batches_tracked = 4
+    plain = fastbn.BatchNorm(3, dtype=np.float64)
+    plain.load_state_dict(sync.state_dict())
+    back = distributed.SyncBatchNorm(3, dtype=np.float64, comm=MPI.COMM_SELF)
+    back.load_state_dict(plain.state_dict())
+    assert sorted(back.state_dict()) == sorted(sync.state_dict())
+    for key, value in sync.state_dict().items():
+        assert np.array_equal(back.state_dict()[key], value), key
+
+
 # ---------------------------------------------------------------------- real MPI jobs
 CHECKS = [f"{name}_{backend}" for name in ("layer", "empty_shard", "functional", "nonfinite",
                                            "pickle") for backend in ("numpy", "cpu")]
@@ -254,3 +269,33 @@ def test_sync_checks_job_exits_cleanly():
     for ranks in RANK_COUNTS:
         job = sync_checks_job(ranks)
         assert job.returncode == 0, job.stderr[-4000:]
+
+
+def test_data_parallel_example_matches_single_process_training(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "curves.json"
+    job = launch(ROOT / "examples" / "train_data_parallel.py", 2, "--steps", "6", "--json",
+                 str(out))
+    assert job.returncode == 0, job.stderr[-4000:]
+    assert "parameters bitwise identical on every rank: True" in job.stdout
+    curves = json.loads(out.read_text())
+    parallel, single = curves["data_parallel"]["step_loss"], curves["single_process"]["step_loss"]
+    assert curves["ranks"] == 2 and len(parallel) == len(single) == 6
+    assert single[-1] < single[0]  # it trains
+    # float32 training: the shards' sums are added in another order than the full batch's
+    np.testing.assert_allclose(parallel, single, rtol=1e-5, atol=0)
+
+
+def test_step_benchmark_counts_the_bytes_of_two_collectives(tmp_path):
+    out = tmp_path / "mpi_step.json"
+    job = launch(ROOT / "bench" / "mpi_step.py", 2, "--quick", "--repeats", "2", "--out",
+                 str(out))
+    assert job.returncode == 0, job.stderr[-4000:]
+    assert "SyncBatchNorm step" in job.stdout
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        C = row["global_shape"][1]
+        # Allgather: 3*C float64 out, 3*C per rank in; Allreduce: 2*C+1 each way
+        assert row["bytes_sent_per_rank_per_step"] == 8 * (3 * C + 2 * C + 1)
+        assert row["bytes_received_per_rank_per_step"] == 8 * (2 * 3 * C + 2 * C + 1)
+        assert row["BatchNorm_median_s"] > 0 and row["SyncBatchNorm_median_s"] > 0
