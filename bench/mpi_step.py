@@ -93,7 +93,7 @@ def measure(comm: MPI.Comm, label: str, shape: tuple[int, ...], axis: int, backe
         return step
 
     count = x.size // C
-    mean, var = (np.asarray(v, dtype=np.float64) for v in fastbn.moments(x, axis=axis))
+    mean, var = fastbn.moments(x.astype(np.float64), axis=axis, backend=backend)
 
     def collectives():
         merge_moments(comm, count, mean, var)

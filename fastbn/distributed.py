@@ -184,14 +184,38 @@ class SyncBatchNorm(BatchNorm):
         self.comm = default_comm() if comm is None else comm
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        state.pop("comm", None)
-        return state
+        # the communicator is in the layer's attributes and in what a forward saved for the
+        # backward; both get a placeholder that unpickles to itself
+        return {key: _replace_comm(value, self.comm, _DETACHED_COMM)
+                for key, value in super().__getstate__().items()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        comm = default_comm()
+        state = {key: _replace_comm(value, _DETACHED_COMM, comm) for key, value in state.items()}
         restore = getattr(super(), "__setstate__", None)
         if restore is not None:
             restore(state)
         else:
             self.__dict__.update(state)
-        self.comm = default_comm()
+
+
+class _DetachedComm:
+    """Stands in for the communicator in a pickled or copied SyncBatchNorm."""
+
+    def __reduce__(self) -> str:
+        return "_DETACHED_COMM"  # pickled by name: it unpickles (and copies) to itself
+
+    def __repr__(self) -> str:
+        return "<communicator detached by pickling>"
+
+
+_DETACHED_COMM = _DetachedComm()
+
+
+def _replace_comm(value: Any, old: Any, new: Any) -> Any:
+    """``value`` with ``old`` replaced by ``new``, also among a tuple's items."""
+    if value is old:
+        return new
+    if type(value) is tuple:
+        return tuple(new if item is old else item for item in value)
+    return value

@@ -226,6 +226,18 @@ def test_pickle_and_deepcopy_reattach_comm_world():
     assert layer.comm is MPI.COMM_SELF
 
 
+def test_pickled_layer_keeps_the_pending_backward():
+    MPI = mpi_or_skip()
+    x = np.random.default_rng(1).standard_normal((6, 3, 2))
+    layer = distributed.SyncBatchNorm(3, dtype=np.float64, backend="numpy", comm=MPI.COMM_SELF)
+    layer.forward(x)
+    restored = pickle.loads(pickle.dumps(layer))
+    assert restored.comm is MPI.COMM_WORLD
+    dy = np.cos(x)
+    assert np.array_equal(restored.backward(dy), layer.backward(dy))
+    assert np.array_equal(restored.dgamma, layer.dgamma)
+
+
 def test_state_dicts_move_between_sync_and_plain_layers():
     MPI = mpi_or_skip()
     sync = distributed.SyncBatchNorm(3, dtype=np.float64, comm=MPI.COMM_SELF)
@@ -241,8 +253,8 @@ def test_state_dicts_move_between_sync_and_plain_layers():
 
 
 # ---------------------------------------------------------------------- real MPI jobs
-CHECKS = [f"{name}_{backend}" for name in ("layer", "empty_shard", "functional", "nonfinite",
-                                           "pickle") for backend in ("numpy", "cpu")]
+CHECKS = [f"{name}_{backend}" for backend in ("numpy", "cpu")
+          for name in ("layer", "empty_shard", "functional", "nonfinite", "pickle")]
 _jobs: dict[int, subprocess.CompletedProcess] = {}
 
 
@@ -274,8 +286,8 @@ def test_sync_checks_job_exits_cleanly():
 def test_data_parallel_example_matches_single_process_training(tmp_path):
     pytest.importorskip("sklearn")
     out = tmp_path / "curves.json"
-    job = launch(ROOT / "examples" / "train_data_parallel.py", 2, "--steps", "6", "--json",
-                 str(out))
+    job = launch(ROOT / "examples" / "train_data_parallel.py", 2, "--steps", "6",
+                 "--backend", "numpy", "--json", str(out))
     assert job.returncode == 0, job.stderr[-4000:]
     assert "parameters bitwise identical on every rank: True" in job.stdout
     curves = json.loads(out.read_text())
@@ -288,8 +300,8 @@ def test_data_parallel_example_matches_single_process_training(tmp_path):
 
 def test_step_benchmark_counts_the_bytes_of_two_collectives(tmp_path):
     out = tmp_path / "mpi_step.json"
-    job = launch(ROOT / "bench" / "mpi_step.py", 2, "--quick", "--repeats", "2", "--out",
-                 str(out))
+    job = launch(ROOT / "bench" / "mpi_step.py", 2, "--quick", "--repeats", "2",
+                 "--backend", "numpy", "--out", str(out))
     assert job.returncode == 0, job.stderr[-4000:]
     assert "SyncBatchNorm step" in job.stdout
     rows = json.loads(out.read_text())["rows"]
