@@ -8,8 +8,8 @@ whatever the size of the activations:
 * forward: one ``Allgather`` of ``3 * C`` float64 values per rank (count, mean and M2 of every
   feature), merged on every rank with Chan's formula in rank order, so every rank holds bitwise
   the same global mean and variance;
-* backward: one ``Allreduce`` (sum) of ``2 * C + 1`` float64 values (the count, Σdy and
-  Σdy·(x − mean) of every feature), from which each rank computes dx of its own shard.
+* backward: one ``Allreduce`` (sum) of ``2 * C + 1`` float64 values (Σdy·x̂ and Σdy of every
+  feature, and the count), from which each rank computes dx of its own shard.
 
 Eval mode communicates nothing. The collectives go through host memory (NumPy buffers) for
 every backend, including ``"cuda"``: the per-feature vectors are tiny, so a CUDA-aware MPI would

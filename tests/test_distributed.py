@@ -207,7 +207,7 @@ def test_sync_batchnorm_defaults_and_comm():
     layer = distributed.SyncBatchNorm(5)
     assert layer.comm is MPI.COMM_WORLD
     assert layer.dtype == fastbn.BatchNorm(5).dtype
-    assert isinstance(layer, fastbn.BatchNorm)
+    assert isinstance(layer, fastbn.BatchNorm) and fastbn.SyncBatchNorm is distributed.SyncBatchNorm
     layer = distributed.SyncBatchNorm(5, axis=-1, dtype=np.float64, comm=MPI.COMM_SELF)
     assert layer.comm is MPI.COMM_SELF and layer.axis == -1
     assert layer.gamma.dtype == np.float64
