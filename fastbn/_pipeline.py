@@ -95,8 +95,8 @@ def prepare_like(a: Any, like: Input, name: str) -> Any:
     backend = like.backend
     array = backend.asarray(a, name)
     if array.shape != like.array.shape:
-        raise ValueError(f"{name} has shape {tuple(array.shape)} but x has shape "
-                         f"{tuple(like.array.shape)}")
+        raise ValueError(f"{name} has shape {tuple(array.shape)} but the forward input had "
+                         f"shape {tuple(like.array.shape)}")
     if array.dtype != like.array.dtype:
         _checks.check_float_dtype(array.dtype, name)
         if not hasattr(array, "astype"):
@@ -114,7 +114,10 @@ def output_view(out: Any, inp: Input, name: str = "out", allowed_aliases: tuple 
     """
     if out is None:
         return None
-    shape = tuple(getattr(out, "shape", ()))
+    if not hasattr(out, "shape"):
+        raise TypeError(f"{name} is written in place, so it must be a NumPy array (or a device "
+                        f"array on the cuda backend), got {_checks.describe(out)}")
+    shape = tuple(out.shape)
     if shape != inp.shape:
         raise ValueError(f"{name} has shape {shape} but x has shape {inp.shape}")
     if getattr(out, "dtype", None) != inp.array.dtype:

@@ -16,6 +16,12 @@ def backends() -> list[str]:
     return fastbn.available_backends()
 
 
+def random_array(shape, dtype=np.float64, seed=0, offset=0.0, spread=1.0):
+    """``offset + spread * N(0, 1)`` of ``shape`` in ``dtype``: the tests' one input maker."""
+    rng = np.random.default_rng(seed)
+    return (offset + spread * rng.standard_normal(shape)).astype(dtype)
+
+
 def as_rows(x, axis):
     """(m, C) float64 view of x with features along axis."""
     x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
