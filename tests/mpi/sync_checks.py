@@ -7,8 +7,8 @@ of the whole job, so a failing rank cannot leave the others waiting in a collect
 Every rank builds the same global batch from a seed, keeps its own shard of the samples (shards
 of unequal sizes; some checks give a rank an empty shard) and compares what it computes with
 ``BatchNorm`` on the whole concatenated batch (float64, tolerance 1e-10 relative to the
-magnitude of the expected values). Each rank prints ``PASS <check> rank <r>/<K>`` after each
-check it passed.
+magnitude of the expected values). After each check, rank 0 prints
+``PASS <check> ranks 0,1,...,K-1 of K`` once every rank has passed it.
 """
 
 from __future__ import annotations
@@ -332,7 +332,10 @@ def main(names: list[str]) -> None:
         raise SystemExit(f"unknown checks {unknown}; choose from {sorted(CHECKS)}")
     for name in names or CHECKS:
         CHECKS[name]()
-        print(f"PASS {name} rank {RANK}/{SIZE}", flush=True)
+        # rank 0 reports for all: lines written by several ranks can interleave mid-line
+        passed = COMM.gather(RANK, root=0)
+        if RANK == 0:
+            print(f"PASS {name} ranks {','.join(map(str, passed))} of {SIZE}", flush=True)
 
 
 if __name__ == "__main__":
