@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -144,6 +145,7 @@ def main(argv: list[str]) -> None:
     size, rank = comm.Get_size(), comm.Get_rank()
     # the ranks share the machine's cores: one Numba thread pool per rank of cores / ranks
     numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS // size))
+    load_before = os.getloadavg()[0]  # a shared machine's load moves collective latencies
     repeats = args.repeats or (3 if args.quick else 20)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rows = [measure(comm, label, shape, axis, args.backend, repeats)
@@ -153,13 +155,15 @@ def main(argv: list[str]) -> None:
     created = datetime.now(timezone.utc)
     results = {"created": created.isoformat(), "mpi_library": MPI.Get_library_version().strip(),
                "numba_threads_per_rank": numba.get_num_threads(), "machine": machine_info(),
-               "versions": versions(), "rows": rows}
+               "versions": versions(), "load_average_1min": [load_before, os.getloadavg()[0]],
+               "rows": rows}
     out = args.out or RESULTS / f"fastbn-mpi-step-{created:%Y-%m-%d}-{size}ranks.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"{size} ranks on {results['machine']['cpu']} ({results['machine']['logical_cpus']} "
           f"logical CPUs), Numba {numba.get_num_threads()} thread(s) per rank, "
-          f"{results['mpi_library'].splitlines()[0]}")
+          f"{results['mpi_library'].splitlines()[0]}; 1-minute load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(format_table(rows))
     print(f"wrote {out}")
 

@@ -159,8 +159,10 @@ class SyncBatchNorm(BatchNorm):
     comm : mpi4py.MPI.Comm or None
         The ranks whose batches are normalized together; None means ``MPI.COMM_WORLD``.
         Every rank of ``comm`` must call ``forward`` (and ``backward``) in training mode
-        together, each with its own shard (which may be empty); eval mode uses the running
-        statistics and communicates nothing.
+        together, each with its own shard (which may be empty); eval mode communicates
+        nothing.
+    activation : None or "relu"
+        As for ``BatchNorm``: a fused ReLU (after the residual, when forward gets one).
 
     Notes
     -----
@@ -177,10 +179,12 @@ class SyncBatchNorm(BatchNorm):
     def __init__(self, num_features: int, axis: int = 1, eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, dtype: Any = None,
-                 backend: str | None = None, comm: Comm | None = None) -> None:
+                 backend: str | None = None, comm: Comm | None = None,
+                 activation: str | None = None) -> None:
         options = {} if dtype is None else {"dtype": dtype}  # None: BatchNorm's default dtype
         super().__init__(num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, backend=backend, **options)
+                         track_running_stats=track_running_stats, backend=backend,
+                         activation=activation, **options)
         self.comm = default_comm() if comm is None else comm
 
     def __getstate__(self) -> dict[str, Any]:

@@ -225,6 +225,43 @@ def check_empty_shard(backend: str) -> None:
         assert sync.num_batches_tracked == before[2], what
 
 
+def check_relu_residual(backend: str) -> None:
+    """The fused ReLU with a residual: y, dx and dresidual of the shard, summed dgamma/dbeta."""
+    for layout in LAYOUTS[:2]:
+        what = f"{backend} {layout.name} relu+residual"
+        reference, sync = layer_pair(layout, backend, COMM)
+        reference.activation = sync.activation = "relu"
+        sizes = unequal_sizes(0)
+        x = global_batch(layout, sizes, seed=21)
+        residual = np.random.default_rng(22).standard_normal(x.shape) * 3.0
+        dy = np.random.default_rng(23).standard_normal(x.shape)
+        y = sync.forward(my_shard(x, layout, sizes), my_shard(residual, layout, sizes))
+        y_ref = reference.forward(x, residual)
+        assert_close(y, my_shard(y_ref, layout, sizes), f"{what}: y")
+        dx, dresidual = sync.backward(my_shard(dy, layout, sizes))
+        dx_ref, dresidual_ref = reference.backward(dy)
+        assert_close(dx, my_shard(dx_ref, layout, sizes), f"{what}: dx")
+        assert_close(dresidual, my_shard(dresidual_ref, layout, sizes), f"{what}: dresidual")
+        assert_close(summed_over_ranks(sync.dgamma), reference.dgamma, f"{what}: dgamma")
+        assert_close(summed_over_ranks(sync.dbeta), reference.dbeta, f"{what}: dbeta")
+
+
+def check_eval_batch_stats(backend: str) -> None:
+    """track_running_stats=False in eval: each rank's own batch statistics, nothing sent."""
+    layout = LAYOUTS[0]
+    counting = CountingComm(COMM)
+    sync = SyncBatchNorm(NUM_FEATURES, axis=layout.axis, dtype=np.float64, backend=backend,
+                         track_running_stats=False, comm=counting).eval()
+    local = fastbn.BatchNorm(NUM_FEATURES, axis=layout.axis, dtype=np.float64, backend=backend,
+                             track_running_stats=False).eval()
+    sizes = unequal_sizes(0)
+    x = my_shard(global_batch(layout, sizes, seed=31), layout, sizes)
+    dy = np.sin(x)
+    assert_close(sync.forward(x), local.forward(x), f"{backend} eval batch-stats y")
+    assert_close(sync.backward(dy), local.backward(dy), f"{backend} eval batch-stats dx")
+    assert counting.calls == [], f"{backend}: eval made the calls {counting.calls}"
+
+
 def check_functional(backend: str) -> None:
     """moments, batch_norm_forward/backward and batch_norm(training=True) with comm=."""
     for layout in LAYOUTS:
@@ -322,15 +359,19 @@ def check_pickle(backend: str) -> None:
 CHECKS = {f"{name}_{backend}": (lambda check=check, backend=backend: check(backend))
           for backend in BACKENDS
           for name, check in (("layer", check_layer), ("empty_shard", check_empty_shard),
+                              ("relu_residual", check_relu_residual),
                               ("functional", check_functional),
-                              ("nonfinite", check_nonfinite), ("pickle", check_pickle))}
+                              ("nonfinite", check_nonfinite), ("pickle", check_pickle),
+                              ("eval_batch_stats", check_eval_batch_stats))}
+#: Run only when named: they fail on the layers of this version (see tests/test_distributed.py).
+KNOWN_FAILURES = {"eval_batch_stats_numpy", "eval_batch_stats_cpu"}
 
 
 def main(names: list[str]) -> None:
     unknown = sorted(set(names) - set(CHECKS))
     if unknown:
         raise SystemExit(f"unknown checks {unknown}; choose from {sorted(CHECKS)}")
-    for name in names or CHECKS:
+    for name in names or [name for name in CHECKS if name not in KNOWN_FAILURES]:
         CHECKS[name]()
         # rank 0 reports for all: lines written by several ranks can interleave mid-line
         passed = COMM.gather(RANK, root=0)
