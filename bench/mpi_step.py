@@ -14,8 +14,10 @@ A global batch is split evenly over the ranks. Each rank times a training step o
   latency synchronization adds.
 
 Every sample starts at a barrier; a step's time is the slowest rank's (a step ends for the job
-when its last rank is done). Reported: the median over the samples, and the bytes each rank
-sends and receives per step, counted from the buffers the collectives were given.
+when its last rank is done). Reported: the median and the best of the samples (on a shared
+machine a rank descheduled for a time slice delays the other at the next collective, so the
+medians there measure the load as much as fastbn), and the bytes each rank sends and receives
+per step, counted from the buffers the collectives were given.
 """
 
 from __future__ import annotations
@@ -120,15 +122,18 @@ def format_seconds(seconds: float) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
+    """Markdown table; each time is "median (best)" of the samples."""
+    def cell(row: dict, name: str) -> str:
+        return (f"{format_seconds(row[f'{name}_median_s'])} "
+                f"({format_seconds(min(row[f'{name}_samples_s']))})")
+
     lines = ["| global shape (float32) | ranks | BatchNorm step | SyncBatchNorm step | overhead "
-             "| collectives alone | bytes sent / received per rank per step |",
+             "(of medians) | collectives alone | bytes sent / received per rank per step |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['ranks']} | {format_seconds(r['BatchNorm_median_s'])} "
-                     f"| {format_seconds(r['SyncBatchNorm_median_s'])} "
-                     f"| {100 * r['sync_overhead']:+.0f} % "
-                     f"| {format_seconds(r['collectives_median_s'])} "
-                     f"| {r['bytes_sent_per_rank_per_step']} / "
+        lines.append(f"| {r['shape']} | {r['ranks']} | {cell(r, 'BatchNorm')} "
+                     f"| {cell(r, 'SyncBatchNorm')} | {100 * r['sync_overhead']:+.0f} % "
+                     f"| {cell(r, 'collectives')} | {r['bytes_sent_per_rank_per_step']} / "
                      f"{r['bytes_received_per_rank_per_step']} |")
     return "\n".join(lines)
 
