@@ -119,7 +119,7 @@ def shard_rows(shard: np.ndarray) -> np.ndarray:
     return np.stack([np.full(C, float(m)), mean, ((shard - mean) ** 2).sum(axis=0)])
 
 
-@pytest.mark.parametrize("sizes", [(5,), (3, 7), (4, 0, 9), (0, 6, 1, 2)])
+@pytest.mark.parametrize("sizes", [(5,), (3, 7), (4, 0, 9), (0, 6, 1, 2), (8, 3, 0)])
 def test_merge_moments_merges_in_rank_order(sizes):
     mpi_or_skip()
     rng = np.random.default_rng(len(sizes))
