@@ -44,7 +44,7 @@ def bn_scale_shift(bn: BatchNorm) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fold(W: Any, b: Any, bn: BatchNorm, out_axis: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    W = _checks.host_float_array(W, "W")
+    W = _checks.host_input_array(W, "W")
     if W.ndim < 2:
         raise ValueError(f"W must have at least 2 dimensions, got shape {W.shape}")
     out_axis = _checks.normalize_axis(out_axis, W.ndim)
@@ -57,7 +57,7 @@ def _fold(W: Any, b: Any, bn: BatchNorm, out_axis: int, what: str) -> tuple[np.n
         b64 = np.zeros(out_features)
         dtype = W.dtype
     else:
-        b = _checks.host_float_array(b, "b")
+        b = _checks.host_input_array(b, "b")
         if b.shape != (out_features,):
             raise ValueError(f"b must have shape ({out_features},), got {b.shape}")
         b64 = b.astype(np.float64)
@@ -69,23 +69,37 @@ def _fold(W: Any, b: Any, bn: BatchNorm, out_axis: int, what: str) -> tuple[np.n
     return W_folded, b_folded
 
 
+def _output_axis(shape: tuple[int, ...], candidates: tuple[int, ...], num_features: int,
+                 what: str, keyword: str) -> int:
+    """The one axis among ``candidates`` with ``num_features`` entries, or a clear error."""
+    matching = sorted({a % len(shape) for a in candidates if shape[a] == num_features})
+    if len(matching) == 1:
+        return matching[0]
+    if not matching:
+        raise ValueError(f"{what} weight of shape {shape} has no axis of {num_features} output "
+                         f"features (axes {list(candidates)}) to match bn.num_features")
+    raise ValueError(f"{what} weight of shape {shape} has {num_features} entries along axes "
+                     f"{matching}, so its layout is ambiguous: pass {keyword}")
+
+
 def fold_linear(W: Any, b: Any, bn: BatchNorm,
-                layout: Literal["in_out", "out_in"] = "in_out") -> tuple[np.ndarray, np.ndarray]:
+                layout: Literal["in_out", "out_in"] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Weights of one linear layer equal to ``bn(linear(x))`` with ``bn`` in eval mode.
 
     Parameters
     ----------
-    W : array of float32 or float64
-        ``layout="in_out"`` (default, the CS231n convention ``y = x @ W + b``): shape
-        ``(in_features, out_features)``. ``layout="out_in"`` (PyTorch's ``nn.Linear`` and the
-        column-major course convention ``Z = W @ X + b``): shape ``(out_features, in_features)``.
+    W : array of shape (in_features, out_features) or (out_features, in_features)
+        ``"in_out"`` is the CS231n convention ``y = x @ W + b``; ``"out_in"`` is PyTorch's
+        ``nn.Linear`` and the column-major course convention ``Z = W @ X + b``. The layout is
+        found from which axis has ``bn.num_features`` entries.
     b : array of shape (out_features,) or None
         None for a bias-free linear layer (the usual choice before batch norm).
     bn : BatchNorm
         The layer after the linear one, ``num_features == out_features``. Its running
         statistics are used whatever its ``training`` flag says: the folded layer equals the
         pair with ``bn.eval()``.
-    layout : {"in_out", "out_in"}
+    layout : {"in_out", "out_in"} or None
+        Needed only for a square W (both axes have num_features entries).
 
     Returns
     -------
@@ -96,20 +110,26 @@ def fold_linear(W: Any, b: Any, bn: BatchNorm,
     Raises
     ------
     TypeError
-        W or b is not a float32/float64 array, or bn is not a BatchNorm layer.
+        W or b is not a real array, or bn is not a BatchNorm layer.
     ValueError
-        Shapes do not match, an unknown layout, or ``bn.track_running_stats`` is False.
+        Shapes do not match, an unknown layout, a square W without ``layout``, or
+        ``bn.track_running_stats`` is False.
     """
-    if layout not in ("in_out", "out_in"):
-        raise ValueError(f"layout must be 'in_out' or 'out_in', got {layout!r}")
-    W_array = _checks.host_float_array(W, "W")
+    if layout not in (None, "in_out", "out_in"):
+        raise ValueError(f"layout must be 'in_out', 'out_in' or None, got {layout!r}")
+    W_array = _checks.host_input_array(W, "W")
     if W_array.ndim != 2:
         raise ValueError(f"a linear weight must be 2-D, got shape {W_array.shape}")
-    return _fold(W_array, b, bn, out_axis=1 if layout == "in_out" else 0,
-                 what="the linear layer")
+    if layout is None:
+        out_axis = _output_axis(W_array.shape, (1, 0), bn.num_features, "the linear layer's",
+                                "layout='in_out' (x @ W) or layout='out_in' (W @ x)")
+    else:
+        out_axis = 1 if layout == "in_out" else 0
+    return _fold(W_array, b, bn, out_axis=out_axis, what="the linear layer")
 
 
-def fold_conv(W: Any, b: Any, bn: BatchNorm, out_axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def fold_conv(W: Any, b: Any, bn: BatchNorm, out_axis: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Weights of one convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode.
 
     Works for any kernel size (1x1 included), 1-D/2-D/3-D and grouped convolutions: batch norm
@@ -118,14 +138,16 @@ def fold_conv(W: Any, b: Any, bn: BatchNorm, out_axis: int = 0) -> tuple[np.ndar
     Parameters
     ----------
     W : array of float32 or float64
-        Default ``out_axis=0``: PyTorch's layout ``(out_channels, in_channels / groups, *kernel)``
-        e.g. ``(C_out, C_in, kH, kW)``. Pass ``out_axis=-1`` for HWIO ``(kH, kW, C_in, C_out)``.
+        PyTorch's and CS231n's ``(out_channels, in_channels / groups, *kernel)`` e.g.
+        ``(C_out, C_in, kH, kW)``, or HWIO ``(kH, kW, C_in, C_out)``: the output axis is the
+        first or last one, whichever has ``bn.num_features`` entries.
     b : array of shape (out_channels,) or None
     bn : BatchNorm
         Normalizing the convolution's output channels (``num_features == out_channels``);
         its running statistics are used whatever its ``training`` flag says.
-    out_axis : int
-        The axis of W that indexes output channels.
+    out_axis : int or None
+        The axis of W that indexes output channels; needed only when both the first and the
+        last axis have ``num_features`` entries.
 
     Returns
     -------
@@ -138,4 +160,10 @@ def fold_conv(W: Any, b: Any, bn: BatchNorm, out_axis: int = 0) -> tuple[np.ndar
     TypeError, ValueError
         As :func:`fold_linear`.
     """
+    if out_axis is None:
+        W_array = _checks.host_input_array(W, "W")
+        if W_array.ndim < 2:
+            raise ValueError(f"W must have at least 2 dimensions, got shape {W_array.shape}")
+        out_axis = _output_axis(W_array.shape, (0, -1), bn.num_features, "the convolution's",
+                                "out_axis=0 (OIHW) or out_axis=-1 (HWIO)")
     return _fold(W, b, bn, out_axis=out_axis, what="the convolution")

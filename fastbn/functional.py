@@ -1,132 +1,94 @@
-"""Functional batch normalization: pure functions over arrays, any backend, any feature axis."""
+"""Functional batch normalization: pure functions over arrays, any backend, any feature axis.
+
+Each function validates its arguments (all of them, before anything is computed or written)
+and runs the pass's pipeline (``fastbn/_pipeline.py``), the same one the layers run.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _pipeline
 from .backends import resolve
 
 ArrayLike = Any
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """An input seen by a backend: its canonical ``(outer, C, inner)`` view and how to undo it."""
-
-    backend: ModuleType
-    original: Any
-    array: Any
-    x3: Any
-
-    @property
-    def count(self) -> int:
-        return self.x3.shape[0] * self.x3.shape[2]
-
-    @property
-    def num_features(self) -> int:
-        return self.x3.shape[1]
-
-    def restore(self, y3: Any) -> Any:
-        return self.backend.to_output(y3.reshape(self.array.shape), self.original)
+def _result_dtype(dtype: np.dtype) -> np.dtype:
+    """Dtype of returned per-feature statistics: x's, with float16 widened to float32."""
+    return dtype if dtype in _checks.STATE_DTYPES else np.dtype(np.float32)
 
 
-def prepare(x: ArrayLike, axis: int, backend: ModuleType, num_features: int | None = None,
-            ndims: tuple[int, ...] | None = None, name: str = "x") -> Prepared:
-    """Validate ``x`` and build its canonical view on ``backend`` (raises before any work)."""
-    array = backend.asarray(x, name)
-    _checks.check_float_dtype(array.dtype, name)
-    if ndims is not None and len(array.shape) not in ndims:
-        expected = " or ".join(f"{n}D" for n in ndims)
-        raise ValueError(f"expected {expected} input (got {len(array.shape)}D input)")
-    shape3 = _checks.feature_layout(tuple(array.shape), axis, num_features, name)
-    return Prepared(backend, x, array, backend.canonical(array, shape3))
-
-
-def prepare_like(dy: ArrayLike, like: Prepared, name: str = "dy") -> Any:
-    """The canonical view of a gradient that must match ``like`` in shape; cast to its dtype."""
-    array = like.backend.asarray(dy, name)
-    _checks.check_float_dtype(array.dtype, name)
-    if tuple(array.shape) != tuple(like.array.shape):
-        raise ValueError(f"{name} has shape {tuple(array.shape)} but the forward input had shape "
-                         f"{tuple(like.array.shape)}")
-    array = like.backend.astype(array, like.array.dtype)
-    return like.backend.canonical(array, like.x3.shape)
-
-
-def output_view(out: Any, prepared: Prepared, name: str = "out") -> Any:
-    """The canonical view of a caller's output array, or None to allocate a new one."""
-    if out is None:
-        return None
-    shape = tuple(getattr(out, "shape", ()))
-    if shape != tuple(prepared.array.shape):
-        raise ValueError(f"{name} has shape {shape} but x has shape {tuple(prepared.array.shape)}")
-    if getattr(out, "dtype", None) != prepared.array.dtype:
-        raise TypeError(f"{name} must have x's dtype {prepared.array.dtype}, "
-                        f"got {getattr(out, 'dtype', None)}")
-    return prepared.backend.output_view(out, prepared.x3.shape, name)
-
-
-def _check_params(prepared: Prepared, **params: Any) -> None:
-    for name, value in params.items():
-        if value is not None:
-            _checks.check_per_feature(value, prepared.num_features, name)
-            _checks.check_float_dtype(value.dtype, name)
-
-
-def batch_statistics(prepared: Prepared) -> tuple[Any, Any]:
-    """Per-feature mean and biased variance of a training batch, checked to be finite."""
-    _checks.check_training_count(tuple(prepared.array.shape), prepared.count)
-    mean, var = prepared.backend.moments(prepared.x3)
-    bad = prepared.backend.nonfinite_features(mean, var)
-    if len(bad):
-        shown = ", ".join(str(int(i)) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-        raise FloatingPointError(f"batch statistics are not finite (NaN or Inf in the input) "
-                                 f"for {len(bad)} feature(s): {shown}")
-    return mean, var
-
-
-def moments(x: ArrayLike, axis: int = 1, backend: str | None = None) -> tuple[Any, Any]:
+def moments(x: ArrayLike, axis: int = 1, backend: str | None = None,
+            comm: Any = None) -> tuple[Any, Any]:
     """Per-feature mean and biased variance.
 
     Parameters
     ----------
-    x : array of float32 or float64, at least 2-D
+    x : array (float16/32/64; integer and bool arrays are computed in float64), at least 2-D
     axis : int
         The feature axis; every other axis is reduced.
     backend : {"numpy", "cpu", "cuda"} or None
+    comm : mpi4py communicator, optional
+        Statistics of the union of every rank's ``x`` (a rank may pass an empty shard).
 
     Returns
     -------
-    mean, var : arrays of shape (C,) in x's dtype
+    mean, var : arrays of shape (C,) in x's dtype (float32 for float16 x)
         The cpu and cuda backends accumulate in float64 (one pass over memory, chunks merged
         with Chan's formula); the naive ``"numpy"`` backend computes in x's dtype.
     """
-    prepared = prepare(x, axis, resolve(backend, like=x))
-    mean, var = prepared.backend.moments(prepared.x3)
-    dtype = prepared.array.dtype
-    return (prepared.backend.to_output(prepared.backend.astype(mean, dtype), x),
-            prepared.backend.to_output(prepared.backend.astype(var, dtype), x))
+    inp = _pipeline.prepare(x, axis, resolve(backend, like=x), allow_empty=comm is not None)
+    if comm is None:
+        mean, var = inp.backend.moments(inp.x3)
+    else:
+        from . import distributed
+        mean, var = _pipeline.local_moments(inp)
+        _, mean, var = distributed.merge_moments(comm, inp.count, inp.backend.to_host(mean),
+                                                 inp.backend.to_host(var))
+        mean, var = inp.backend.asarray(mean, "mean"), inp.backend.asarray(var, "var")
+    dtype = _result_dtype(inp.array.dtype)
+    to_output = inp.backend.to_output
+    if isinstance(mean, np.ndarray):
+        return to_output(mean.astype(dtype, copy=False), x), to_output(var.astype(dtype, copy=False), x)
+    return to_output(mean, x), to_output(var, x)
 
 
-def batch_norm_forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None = None,
-                       eps: float = 1e-5, axis: int = 1, backend: str | None = None,
-                       out: Any = None) -> tuple[Any, Any, Any]:
+def _residual_view(residual: ArrayLike | None, inp: _pipeline.Input) -> Any:
+    return None if residual is None else _pipeline.prepare_like(residual, inp, "residual")
+
+
+def batch_norm_forward(x: ArrayLike, gamma: ArrayLike | None = None,
+                       beta: ArrayLike | None = None, eps: float = 1e-5, axis: int = 1,
+                       backend: str | None = None, out: Any = None, *,
+                       running_mean: Any = None, running_var: Any = None,
+                       momentum: float = 0.1, residual: ArrayLike | None = None,
+                       activation: str | None = None, comm: Any = None) -> tuple[Any, Any, Any]:
     """Training-mode forward with batch statistics, returning what the backward needs.
+
+    Computes ``act(gamma * (x - mean) * invstd + beta + residual)``.
 
     Parameters
     ----------
-    x : array of float32 or float64, shape (..., C, ...) with C along ``axis``
+    x : array (float16/32/64; integer and bool arrays are computed in float64)
+        Shape (..., C, ...) with C along ``axis``.
     gamma, beta : arrays of shape (C,), or None for 1 and 0
     eps : float
         Added to the variance inside the square root.
     out : array like x, optional
-        Where to write y (C-contiguous; may be x itself). Reusing one saves the page faults
-        of a fresh output, which cost about one extra pass over memory.
+        Where to write y (C-contiguous; may be x or the residual itself, not a partial overlap).
+        Reusing one saves the page faults of a fresh output.
+    running_mean, running_var : NumPy arrays of shape (C,), optional
+        Updated in place in the same call, as CS231n's ``bn_param``:
+        ``(1 - momentum) * running + momentum * batch`` (unbiased variance for running_var).
+    momentum : float in [0, 1]
+    residual : array like x, optional
+        Added after the affine map, before the activation (a ResNet shortcut).
+    activation : None or "relu"
+    comm : mpi4py communicator, optional
+        Normalize with the statistics of every rank's batch (see docs/distributed.md).
 
     Returns
     -------
@@ -135,57 +97,101 @@ def batch_norm_forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: Array
         Batch mean and ``1 / sqrt(var + eps)`` (biased variance).
     """
     eps = _checks.check_eps(eps)
-    prepared = prepare(x, axis, resolve(backend, like=x))
-    _check_params(prepared, gamma=gamma, beta=beta)
-    out3 = output_view(out, prepared)
-    mean, var = batch_statistics(prepared)
-    y3, invstd = prepared.backend.normalize(prepared.x3, mean, var, gamma, beta, eps, out3)
-    to_output = prepared.backend.to_output
-    y = prepared.restore(y3) if out is None else out
-    return y, to_output(mean, x), to_output(invstd, x)
+    momentum = _checks.check_momentum(momentum, allow_none=False)
+    relu = _checks.check_activation(activation)
+    inp = _pipeline.prepare(x, axis, resolve(backend, like=x), allow_empty=comm is not None)
+    C = inp.shape3[1]
+    gamma = _checks.per_feature_input(gamma, C, "gamma")
+    beta = _checks.per_feature_input(beta, C, "beta")
+    running_mean = _checks.writable_per_feature(running_mean, C, "running_mean")
+    running_var = _checks.writable_per_feature(running_var, C, "running_var")
+    residual3 = _residual_view(residual, inp)
+    out3 = _pipeline.output_view(out, inp, allowed_aliases=(("x", x), ("residual", residual)))
+    y3, mean, invstd, _ = _pipeline.forward_train(inp, gamma, beta, eps, out3, running_mean,
+                                                  running_var, momentum, residual3, relu, comm)
+    to_output = inp.backend.to_output
+    return (inp.restore(y3) if out is None else out), to_output(mean, x), to_output(invstd, x)
 
 
 def batch_norm_backward(dy: ArrayLike, x: ArrayLike, gamma: ArrayLike | None, mean: ArrayLike,
                         invstd: ArrayLike, axis: int = 1, backend: str | None = None,
-                        batch_stats: bool = True, out: Any = None) -> tuple[Any, Any, Any]:
-    """Gradients of batch normalization.
+                        batch_stats: bool = True, out: Any = None, *,
+                        beta: ArrayLike | None = None, activation: str | None = None,
+                        residual: bool = False, y: ArrayLike | None = None,
+                        comm: Any = None) -> tuple[Any, ...]:
+    """Gradients of batch normalization (and of a fused ReLU / residual add).
 
     Parameters
     ----------
     dy : array like x
-        Gradient of the loss with respect to the output y.
-    x : array of float32 or float64
+        Gradient of the loss with respect to the forward's output.
+    x : array
         The forward input.
     gamma : array of shape (C,) or None
     mean, invstd : arrays of shape (C,)
-        As returned by :func:`batch_norm_forward` (or running statistics, with
-        ``batch_stats=False``).
+        As returned by :func:`batch_norm_forward` (or running statistics' mean and
+        ``1/sqrt(running_var + eps)``, with ``batch_stats=False``).
     batch_stats : bool
         True when the forward normalized with the batch's own statistics (training), so the
         gradient flows through mean and variance; False for fixed (running) statistics.
     out : array like x, optional
-        Where to write dx (C-contiguous; may be dy itself).
+        Where to write dx (C-contiguous; may be dy or x itself).
+    beta : array of shape (C,) or None
+        With ``activation="relu"`` and no residual: the forward's beta, from which the ReLU's
+        mask is recomputed (no extra pass over memory).
+    activation : None or "relu"
+        The forward's activation.
+    residual : bool
+        True when the forward added a residual: its gradient is returned too.
+    y : array like x, optional
+        The forward's output. Needed with ``activation="relu"`` and ``residual=True`` (the mask
+        depends on the residual, so it is read from y); optional otherwise.
+    comm : mpi4py communicator, optional
+        As in the forward: dx uses the whole batch's sums.
 
     Returns
     -------
     dx : array like x; ``out`` when given
     dgamma, dbeta : float64 arrays of shape (C,)
+        This input's contributions (under MPI, their sum over ranks is the batch's gradient).
+    dresidual : array like x, only when ``residual=True``
+        The gradient of the residual: ``dy`` masked by the ReLU (``dy`` itself without one).
     """
-    prepared = prepare(x, axis, resolve(backend, like=x))
-    _check_params(prepared, gamma=gamma, mean=mean, invstd=invstd)
-    dy3 = prepare_like(dy, prepared)
-    out3 = output_view(out, prepared)
-    dx3, dgamma, dbeta = prepared.backend.backward(dy3, prepared.x3, gamma, mean, invstd,
-                                                   bool(batch_stats), out3)
-    to_output = prepared.backend.to_output
-    dx = prepared.restore(dx3) if out is None else out
-    return dx, to_output(dgamma, x), to_output(dbeta, x)
+    relu = _checks.check_activation(activation)
+    for name, value in (("mean", mean), ("invstd", invstd)):
+        if value is None:
+            raise TypeError(f"{name} is required: pass the {name} returned by "
+                            "batch_norm_forward (or the running statistics' with "
+                            "batch_stats=False)")
+    if relu and residual and y is None:
+        raise ValueError("activation='relu' with residual=True needs y=, the forward's output: "
+                         "the ReLU's mask depends on the residual")
+    inp = _pipeline.prepare(x, axis, resolve(backend, like=x), allow_empty=comm is not None)
+    C = inp.shape3[1]
+    gamma = _checks.per_feature_input(gamma, C, "gamma")
+    beta = _checks.per_feature_input(beta, C, "beta")
+    mean = _checks.per_feature_input(mean, C, "mean")
+    invstd = _checks.per_feature_input(invstd, C, "invstd")
+    dy3 = _pipeline.prepare_like(dy, inp, "dy")
+    y3 = None if y is None else _pipeline.prepare_like(y, inp, "y")
+    out3 = _pipeline.output_view(out, inp, allowed_aliases=(("x", x), ("dy", dy)))
+    dx3, dgamma, dbeta, dresidual3 = _pipeline.backward(
+        inp, dy3, gamma, beta, mean, invstd, bool(batch_stats), inp.count, out3, relu, y3,
+        want_dresidual=bool(residual), comm=comm)
+    to_output = inp.backend.to_output
+    dx = inp.restore(dx3) if out is None else out
+    if not residual:
+        return dx, to_output(dgamma, x), to_output(dbeta, x)
+    dresidual = inp.restore(dresidual3 if dresidual3 is not None else dy3)
+    return dx, to_output(dgamma, x), to_output(dbeta, x), dresidual
 
 
-def batch_norm(x: ArrayLike, running_mean: ArrayLike | None, running_var: ArrayLike | None,
+def batch_norm(x: ArrayLike, running_mean: Any, running_var: Any,
                gamma: ArrayLike | None = None, beta: ArrayLike | None = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, axis: int = 1,
-               backend: str | None = None, out: Any = None) -> Any:
+               backend: str | None = None, out: Any = None, *,
+               residual: ArrayLike | None = None, activation: str | None = None,
+               comm: Any = None) -> Any:
     """Batch normalization as ``torch.nn.functional.batch_norm``.
 
     In training mode normalizes with the batch statistics and updates ``running_mean`` and
@@ -194,12 +200,16 @@ def batch_norm(x: ArrayLike, running_mean: ArrayLike | None, running_var: ArrayL
 
     Parameters
     ----------
-    x : array of float32 or float64, features along ``axis``
-    running_mean, running_var : arrays of shape (C,) or None
-        Required in eval mode; may be None in training mode.
+    x : array, features along ``axis``
+    running_mean, running_var : NumPy arrays of shape (C,) or None
+        Required in eval mode; may be None in training mode. Updated in place, so lists are
+        refused.
     gamma, beta : arrays of shape (C,) or None
     out : array like x, optional
         Where to write y (C-contiguous; may be x itself).
+    residual, activation : as in :func:`batch_norm_forward`
+    comm : mpi4py communicator, optional
+        Training mode only: the statistics of every rank's batch. Eval communicates nothing.
 
     Returns
     -------
@@ -207,19 +217,24 @@ def batch_norm(x: ArrayLike, running_mean: ArrayLike | None, running_var: ArrayL
     """
     eps = _checks.check_eps(eps)
     momentum = _checks.check_momentum(momentum, allow_none=False)
-    prepared = prepare(x, axis, resolve(backend, like=x))
-    _check_params(prepared, running_mean=running_mean, running_var=running_var,
-                  gamma=gamma, beta=beta)
-    out3 = output_view(out, prepared)
-    if training:
-        mean, var = batch_statistics(prepared)
-    elif running_mean is None or running_var is None:
+    relu = _checks.check_activation(activation)
+    training = bool(training)
+    inp = _pipeline.prepare(x, axis, resolve(backend, like=x),
+                            allow_empty=training and comm is not None)
+    C = inp.shape3[1]
+    running_mean = _checks.writable_per_feature(running_mean, C, "running_mean")
+    running_var = _checks.writable_per_feature(running_var, C, "running_var")
+    gamma = _checks.per_feature_input(gamma, C, "gamma")
+    beta = _checks.per_feature_input(beta, C, "beta")
+    if not training and (running_mean is None or running_var is None):
         raise ValueError("eval mode needs running_mean and running_var "
                          "(pass training=True to use batch statistics)")
-    else:
-        mean, var = running_mean, running_var
-    y3, _ = prepared.backend.normalize(prepared.x3, mean, var, gamma, beta, eps, out3)
+    residual3 = _residual_view(residual, inp)
+    out3 = _pipeline.output_view(out, inp, allowed_aliases=(("x", x), ("residual", residual)))
     if training:
-        prepared.backend.update_running_stats(running_mean, running_var, mean, var,
-                                              prepared.count, momentum)
-    return prepared.restore(y3) if out is None else out
+        y3 = _pipeline.forward_train(inp, gamma, beta, eps, out3, running_mean, running_var,
+                                     momentum, residual3, relu, comm)[0]
+    else:
+        y3 = _pipeline.normalize(inp, running_mean, running_var, gamma, beta, eps, out3,
+                                 residual3, relu)[0]
+    return inp.restore(y3) if out is None else out

@@ -139,8 +139,9 @@ def _compare(analytic: dict[str, np.ndarray], numeric: dict[str, np.ndarray],
     return GradcheckResult(errors, where, float(tolerance), analytic, numeric)
 
 
-def gradcheck(layer: BatchNorm, x: Any, dy: Any = None, *, step: float = DEFAULT_STEP,
-              tolerance: float = DEFAULT_TOLERANCE, seed: int = DEFAULT_SEED) -> GradcheckResult:
+def gradcheck(layer: BatchNorm, x: Any, dy: Any = None, *, residual: Any = None,
+              step: float = DEFAULT_STEP, tolerance: float = DEFAULT_TOLERANCE,
+              seed: int = DEFAULT_SEED) -> GradcheckResult:
     """Compare a layer's backward with central finite differences, in float64.
 
     The check runs the layer itself (its backend, mode, axis and any overridden methods), with
@@ -157,6 +158,8 @@ def gradcheck(layer: BatchNorm, x: Any, dy: Any = None, *, step: float = DEFAULT
         Converted to float64.
     dy : array of x's shape, or None
         Upstream gradient; None draws a standard normal one from ``seed``.
+    residual : array of x's shape, or None
+        Passed to ``layer.forward`` (a fused residual add); its gradient is checked too.
     step : float
         Central-difference step for every perturbed value.
     tolerance : float
@@ -165,12 +168,16 @@ def gradcheck(layer: BatchNorm, x: Any, dy: Any = None, *, step: float = DEFAULT
     Returns
     -------
     GradcheckResult
-        Errors for ``"x"`` and, with ``affine=True``, ``"gamma"`` and ``"beta"``.
+        Errors for ``"x"``, with ``affine=True`` for ``"gamma"`` and ``"beta"``, and with a
+        residual for ``"residual"``.
         ``2 * (x.size + 2 * C)`` forward passes are run, so keep ``x`` small.
     """
     if not isinstance(layer, BatchNorm):
         raise TypeError(f"layer must be a fastbn BatchNorm layer, got {type(layer).__name__}")
     x64 = np.ascontiguousarray(_host(x), dtype=np.float64).copy()
+    r64 = None if residual is None else np.ascontiguousarray(_host(residual),
+                                                             dtype=np.float64).copy()
+    inputs = (x64,) if r64 is None else (x64, r64)
     attributes = ("gamma", "beta", "dgamma", "dbeta")
     saved_attributes = {name: getattr(layer, name) for name in attributes}
     saved_state = layer.state_dict()
@@ -189,9 +196,13 @@ def gradcheck(layer: BatchNorm, x: Any, dy: Any = None, *, step: float = DEFAULT
         for name in ("dgamma", "dbeta") if layer.affine else ():
             setattr(layer, name, layer._store(np.zeros(layer.num_features)))
         install()
-        y = _host(layer.forward(x64))
+        y = _host(layer.forward(*inputs))
         upstream = _upstream(dy, y.shape, seed)
-        analytic = {"x": _host(layer.backward(upstream))}
+        gradients = layer.backward(upstream)
+        if r64 is None:
+            analytic = {"x": _host(gradients)}
+        else:
+            analytic = {"x": _host(gradients[0]), "residual": _host(gradients[1])}
         if layer.affine:
             analytic["gamma"] = _host(layer.dgamma)
             analytic["beta"] = _host(layer.dbeta)
@@ -201,9 +212,11 @@ def gradcheck(layer: BatchNorm, x: Any, dy: Any = None, *, step: float = DEFAULT
         def loss() -> float:
             if not host_params:
                 install()
-            return float(np.sum(_host(layer.forward(x64)) * upstream))
+            return float(np.sum(_host(layer.forward(*inputs)) * upstream))
 
         numeric = {"x": central_differences(loss, x64, step)}
+        if r64 is not None:
+            numeric["residual"] = central_differences(loss, r64, step)
         for name, values in params.items():
             numeric[name] = central_differences(loss, values, step)
     finally:

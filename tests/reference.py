@@ -16,6 +16,12 @@ def backends() -> list[str]:
     return fastbn.available_backends()
 
 
+def random_array(shape, dtype=np.float64, seed=0, offset=0.0, spread=1.0):
+    """``offset + spread * N(0, 1)`` of ``shape`` in ``dtype``: the tests' one input maker."""
+    rng = np.random.default_rng(seed)
+    return (offset + spread * rng.standard_normal(shape)).astype(dtype)
+
+
 def as_rows(x, axis):
     """(m, C) float64 view of x with features along axis."""
     x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
@@ -68,9 +74,34 @@ def backward(dy, x, gamma=None, eps=1e-5, axis=1, mean=None, var=None):
 
 def assert_close(actual, expected, dtype, scale=1.0, what=""):
     """Tolerance by dtype, relative to the magnitude of the expected values."""
-    tol = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}[np.dtype(dtype)]
+    # float16: 2 ulp at the output's scale (10 mantissa bits).
+    tol = {np.dtype(np.float16): 2 * 2.0**-10, np.dtype(np.float32): 2e-5,
+           np.dtype(np.float64): 1e-10}[np.dtype(dtype)]
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     bound = tol * max(scale, np.abs(expected).max(initial=0.0), 1.0)
     err = np.abs(actual - expected).max(initial=0.0)
     assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
+
+
+def forward_fused(x, gamma=None, beta=None, eps=1e-5, axis=1, residual=None, relu=False,
+                  mean=None, var=None):
+    """act(bn(x) + residual) in float64, and the statistics used."""
+    y, mean, invstd = forward(x, gamma, beta, eps, axis, mean, var)
+    if residual is not None:
+        y = y + np.asarray(residual, np.float64)
+    if relu:
+        y = np.maximum(y, 0.0)
+    return y, mean, invstd
+
+
+def backward_fused(dy, x, gamma=None, beta=None, eps=1e-5, axis=1, residual=None, relu=False,
+                   mean=None, var=None):
+    """dx, dgamma, dbeta, dresidual of act(bn(x) + residual); the ReLU's gradient is 0 where
+    its input is <= 0 (PyTorch's threshold_backward)."""
+    g = np.asarray(dy, np.float64)
+    if relu:
+        y, _, _ = forward_fused(x, gamma, beta, eps, axis, residual, False, mean, var)
+        g = g * (y > 0)
+    dx, dgamma, dbeta = backward(g, x, gamma, eps, axis, mean, var)
+    return dx, dgamma, dbeta, g

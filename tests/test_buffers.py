@@ -3,6 +3,7 @@
 import threading
 
 import numpy as np
+import pytest
 
 import fastbn
 from fastbn.backends.buffers import MIN_POOLED_BYTES, BufferPool
@@ -76,3 +77,24 @@ def test_cpu_outputs_held_by_the_caller_are_never_overwritten():
     y3, _, _ = fastbn.batch_norm_forward(x1, backend="cpu")
     assert y3.ctypes.data == address  # recycled once released
     np.testing.assert_array_equal(y3, kept)
+
+
+def test_lowering_the_limit_releases_idle_buffers_at_once():
+    pool = BufferPool()
+    arrays = [pool.empty((N,), np.float32) for _ in range(3)]
+    kept = arrays.pop()
+    del arrays
+    assert pool.idle_bytes() == 2 * MIN_POOLED_BYTES
+    pool.max_idle_bytes = MIN_POOLED_BYTES
+    assert pool.idle_bytes() == MIN_POOLED_BYTES and len(pool._buffers) == 2
+    pool.max_idle_bytes = 0
+    assert pool.idle_bytes() == 0 and len(pool._buffers) == 1  # the one in use stays
+    kept[:] = 1.0
+    assert pool.empty((N,), np.float32).base is None  # pooling is off at 0
+    pool.max_idle_bytes = 1 << 30
+    assert pool.max_idle_bytes == 1 << 30
+
+
+def test_a_negative_limit_is_refused():
+    with pytest.raises(ValueError, match="max_idle_bytes"):
+        BufferPool().max_idle_bytes = -1

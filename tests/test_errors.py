@@ -37,7 +37,7 @@ def assert_unchanged(bn, before):
 
 
 def good(shape=(4, 3, 2, 2)):
-    return np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    return ref.random_array(shape, np.float32, seed=1)
 
 
 BAD_FORWARD = [
@@ -47,14 +47,13 @@ BAD_FORWARD = [
     ("one value per feature", good((1, 3, 1, 1)), ValueError,
      "Expected more than 1 value per channel when training"),
     ("empty batch", good((0, 3, 2, 2)), ValueError, "empty"),
-    ("int", np.ones((4, 3, 2, 2), dtype=np.int64), TypeError, "float32 or float64, got dtype int64"),
-    ("bool", np.ones((4, 3, 2, 2), dtype=bool), TypeError, "got dtype bool"),
     ("complex", np.ones((4, 3, 2, 2), dtype=np.complex64), TypeError, "got dtype complex64"),
-    ("float16", np.ones((4, 3, 2, 2), dtype=np.float16), TypeError, "got dtype float16"),
+    ("longdouble", np.ones((4, 3, 2, 2), dtype=np.longdouble), TypeError,
+     "float16, float32 or float64"),
     ("string", "not an array", TypeError, "got dtype <U12"),
     ("object", np.array([object()] * 4).reshape(1, 4), TypeError, "got dtype object"),
     ("None", None, TypeError, "got None"),
-    ("ragged", [[1.0, 2.0], [3.0]], TypeError, "float32 or float64"),
+    ("ragged", [[1.0, 2.0], [3.0]], TypeError, "array of real numbers"),
 ]
 
 
@@ -111,8 +110,8 @@ def test_backward_before_forward(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dy,error,message", [
     (np.ones((4, 3, 2, 3), np.float32), ValueError, r"dy has shape \(4, 3, 2, 3\) but the forward"),
-    (np.ones((4, 3, 2, 2), np.int32), TypeError, "dy must be float32 or float64"),
-    (None, TypeError, "dy must be an array of float32 or float64, got None"),
+    (np.ones((4, 3, 2, 2), np.complex64), TypeError, "dy must be float16, float32 or float64"),
+    (None, TypeError, "dy must be an array of real numbers, got None"),
 ])
 def test_bad_dy_raises_and_changes_nothing(backend, dy, error, message):
     bn = trained_layer(backend)

@@ -38,6 +38,9 @@ def test_fold_linear_matches_pair(dtype, with_bias, affine, layout):
     expected = bn.forward(z)
     W_given = W if layout == "in_out" else np.ascontiguousarray(W.T)
     Wf, bf = fastbn.fold_linear(W_given, b, bn, layout=layout)
+    found = fastbn.fold_linear(W_given, b, bn)  # 7 inputs, 5 outputs: the layout is unambiguous
+    np.testing.assert_array_equal(found[0], Wf)
+    np.testing.assert_array_equal(found[1], bf)
     assert Wf.shape == W_given.shape and bf.shape == (d_out,)
     assert Wf.dtype == dtype and bf.dtype == dtype
     folded = x @ (Wf if layout == "in_out" else Wf.T) + bf
@@ -88,6 +91,8 @@ def test_fold_conv_hwio_layout():
     bn = trained_bn(4, np.float64, ndim=4)
     Wf, bf = fastbn.fold_conv(W, None, bn)
     Wf_hwio, bf_hwio = fastbn.fold_conv(np.transpose(W, (2, 3, 1, 0)), None, bn, out_axis=-1)
+    found_hwio = fastbn.fold_conv(np.transpose(W, (2, 3, 1, 0)), None, bn)
+    np.testing.assert_array_equal(found_hwio[0], Wf_hwio)
     np.testing.assert_allclose(np.transpose(Wf_hwio, (3, 2, 0, 1)), Wf, rtol=1e-15)
     np.testing.assert_array_equal(bf, bf_hwio)
 
@@ -96,15 +101,21 @@ def test_errors():
     bn = trained_bn(5, np.float64)
     with pytest.raises(ValueError, match="track_running_stats"):
         fastbn.fold_linear(np.ones((3, 5)), None, fastbn.BatchNorm1d(5, track_running_stats=False))
+    with pytest.raises(ValueError, match="no axis of 5 output features"):
+        fastbn.fold_linear(np.ones((4, 3)), None, bn)
     with pytest.raises(ValueError, match="num_features=5"):
-        fastbn.fold_linear(np.ones((5, 3)), None, bn)
+        fastbn.fold_linear(np.ones((5, 3)), None, bn, layout="in_out")
+    with pytest.raises(ValueError, match="ambiguous: pass layout="):
+        fastbn.fold_linear(np.ones((5, 5)), None, bn)
+    with pytest.raises(ValueError, match="ambiguous: pass out_axis="):
+        fastbn.fold_conv(np.ones((5, 3, 5, 5)), None, bn)
     with pytest.raises(ValueError, match="shape \\(5,\\)"):
         fastbn.fold_linear(np.ones((3, 5)), np.ones(3), bn)
     with pytest.raises(ValueError, match="layout"):
         fastbn.fold_linear(np.ones((3, 5)), None, bn, layout="oi")
     with pytest.raises(ValueError, match="2-D"):
         fastbn.fold_linear(np.ones((5, 3, 1, 1)), None, bn)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        fastbn.fold_linear(np.ones((3, 5), dtype=np.int64), None, bn)
+    with pytest.raises(TypeError, match="float16, float32 or float64"):
+        fastbn.fold_linear(np.ones((3, 5), dtype=np.complex64), None, bn)
     with pytest.raises(TypeError, match="BatchNorm"):
         fastbn.fold_conv(np.ones((5, 3, 1, 1)), None, object())

@@ -25,8 +25,7 @@ LAYOUTS = [
 
 
 def make(shape, dtype, seed=0, offset=3.0, spread=2.0):
-    rng = np.random.default_rng(seed)
-    return (offset + spread * rng.standard_normal(shape)).astype(dtype)
+    return ref.random_array(shape, dtype, seed, offset, spread)
 
 
 def affine(C, seed=1):

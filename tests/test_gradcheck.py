@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.backends.numpy_backend import backward as numpy_backward
+from fastbn.backends.numpy_backend import backward_elementwise as numpy_backward_elementwise
 
 HOST_BACKENDS = ["numpy", "cpu"]
 # (layer class, input shape, feature axis): NC, NCL, NCHW, NHWC, NCDHW, and the course (C, m).
@@ -51,7 +51,7 @@ def test_layer_gradients_pass(backend, cls, shape, axis, mode):
     assert set(result.errors) == {"x", "gamma", "beta"}
     # the layer is left as it was: running stats, counter, parameter objects and dtypes
     assert_same_state(before, layer.state_dict())
-    assert layer.gamma is gamma_object and layer.gamma.dtype == np.float32
+    assert layer.gamma is gamma_object and layer.gamma.dtype == np.float64  # the default
     assert layer.training == (mode == "train")
 
 
@@ -107,10 +107,10 @@ class MeanOnlyBatchNorm(fastbn.BatchNorm1d):
     """A classic mistake: dx ignores how the variance depends on x."""
 
     def backward(self, dy):
-        prepared, mean, invstd, _ = self._saved
+        saved_input, mean, invstd = self._saved[:3]
         dx = super().backward(dy)
         gamma = np.asarray(self.gamma, dtype=np.float64)
-        x_hat = (prepared.original - mean) * invstd
+        x_hat = (saved_input.original - mean) * invstd
         missing = gamma * invstd * x_hat * np.mean(dy * x_hat, axis=0)
         return dx + missing  # drops the variance term the correct backward subtracts
 
@@ -134,8 +134,8 @@ def test_wrong_gradient_fails(cls, bad):
 def test_wrong_eval_gradient_fails(monkeypatch):
     # eval-mode backward that wrongly keeps the batch-statistics terms
     import fastbn.backends.numpy_backend as nb
-    monkeypatch.setattr(nb, "backward", lambda dy3, x3, g, m, s, batch_stats:
-                        numpy_backward(dy3, x3, g, m, s, True))
+    monkeypatch.setattr(nb, "backward_elementwise",
+                        lambda *args: numpy_backward_elementwise(*args[:9], True, *args[10:]))
     layer, x = make_layer(fastbn.BatchNorm1d, (8, 4), 1, "numpy")
     layer.forward(x)
     layer.eval()

@@ -13,7 +13,7 @@ TORCH_CASE = Path(__file__).parent / "data" / "torch_batchnorm2d.npz"
 
 
 def make(shape, seed=0, dtype=np.float32):
-    return (1.0 + 2.0 * np.random.default_rng(seed).standard_normal(shape)).astype(dtype)
+    return ref.random_array(shape, dtype, seed, offset=1.0, spread=2.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

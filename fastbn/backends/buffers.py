@@ -9,17 +9,33 @@ reference to it (NumPy keeps the owner as ``base``), so CPython's reference coun
 when the last one is gone.
 
 Small outputs use ``np.empty``: below a few megabytes the C allocator already reuses memory.
+
+Releasing pooled memory: the pool keeps at most ``POOL.max_idle_bytes`` (1 GiB) of idle buffers.
+``fastbn.backends.buffers.POOL.max_idle_bytes = 0`` frees every idle buffer at once and turns
+pooling off (assign a positive limit to turn it back on); buffers still in use by arrays are
+freed as soon as those arrays are.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
+import weakref
 
 import numpy as np
 
 MIN_POOLED_BYTES = 4 << 20
+_POOLS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in _POOLS:
+        pool._lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class BufferPool:
@@ -29,12 +45,28 @@ class BufferPool:
     ----------
     max_idle_bytes : int
         Idle buffers beyond this total are released (oldest first); 0 disables pooling.
+        Assigning it releases at once the idle buffers beyond the new limit.
     """
 
     def __init__(self, max_idle_bytes: int = 1 << 30) -> None:
-        self.max_idle_bytes = max_idle_bytes
         self._buffers: list[np.ndarray] = []  # least recently handed out first
         self._lock = threading.Lock()
+        self.max_idle_bytes = max_idle_bytes
+        _POOLS.add(self)
+
+    @property
+    def max_idle_bytes(self) -> int:
+        """Most bytes kept in idle buffers; assigning trims the pool to it at once."""
+        return self._max_idle_bytes
+
+    @max_idle_bytes.setter
+    def max_idle_bytes(self, limit: int) -> None:
+        limit = int(limit)
+        if limit < 0:
+            raise ValueError(f"max_idle_bytes must be >= 0, got {limit}")
+        with self._lock:
+            self._max_idle_bytes = limit
+            self._release_idle(keep_bytes=limit)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An uninitialized C-contiguous array, like ``np.empty(shape, dtype)``."""

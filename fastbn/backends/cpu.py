@@ -1,100 +1,161 @@
 """The ``"cpu"`` backend: Numba ``@njit(parallel=True)`` kernels (see ``cpu_kernels``).
 
-Forward-train streams the tensor three times (statistics, then read + write of the fused pass);
-eval twice; backward five times (read dy and x to reduce, read dy and x and write dx). Outputs
-come from a pool of recycled buffers (``buffers.POOL``), so that a fresh output's page faults do
-not add a pass.
+Implements the backend contract (``contract.Backend``). Forward-train streams the tensor three
+times (statistics, then read + write of the fused pass); eval twice; backward five times (read
+dy and x to reduce, read dy and x and write dx). Each call is one compiled call that also does
+the per-feature math, so at training sizes a call costs little more than Numba's dispatch.
+Outputs come from a pool of recycled buffers (``buffers.POOL``), so that a fresh output's page
+faults do not add a pass.
+
+float16 arrays go to the kernels viewed as their uint16 bits (Numba's CPU target has no
+float16); the kernels convert each element exactly (``half``).
+
+Threads: inputs under ``SERIAL_BELOW`` elements run on the calling thread. A process forked
+from one that has run the threaded kernels runs them all serially (GNU OpenMP, Numba's usual
+threading layer, aborts a forked child's first parallel region), with the parent's thread count
+as the number of partials, so the child's results are bitwise the parent's.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
 import numpy as np
 
 from . import cpu_kernels as k
+from . import host
 from .buffers import POOL
-from .host import (asarray, astype, backward_coefficients, canonical,  # noqa: F401
-                   nonfinite_features, output_view, per_feature, to_host, to_output, unavailable_reason,
-                   update_running_stats)
 
 NAME = "cpu"
 
-# Numba's 'workqueue' threading layer aborts the process when two Python threads launch
-# parallel kernels at once. The first launch runs under the lock and learns which layer Numba
-# picked; only workqueue keeps serializing afterwards.
-_launch_lock = threading.Lock()
-_layer_is_threadsafe = False
-
-
-def _launch(kernel, *args, threads: int):
-    global _layer_is_threadsafe
-    if threads == 1:
-        return k.SERIAL[kernel.__name__](*args, 1)
-    if _layer_is_threadsafe:
-        return kernel(*args, threads)
-    with _launch_lock:
-        result = kernel(*args, threads)
-        _layer_is_threadsafe = numba.threading_layer() != "workqueue"
-        return result
-
+# Array handling is shared with the numpy backend.
+unavailable_reason = host.unavailable_reason
+asarray = host.asarray
+canonical = host.canonical
+output_view = host.output_view
+to_output = host.to_output
+to_host = host.to_host
 
 # Below this many elements a kernel runs serially on the calling thread: the thread pool costs
 # more than it saves there, and beside BLAS threads spinning after a matmul it costs
 # milliseconds (see cpu_kernels.threaded_and_serial).
 SERIAL_BELOW = 1 << 17
 
+# Numba's 'workqueue' threading layer aborts the process when two Python threads launch
+# parallel kernels at once. The first launch runs under the lock and learns which layer Numba
+# picked; only workqueue keeps serializing afterwards.
+_launch_lock = threading.Lock()
+_layer_is_threadsafe = False
+_forked_child = False
 
-def _threads(x3: np.ndarray) -> int:
-    return 1 if x3.size < SERIAL_BELOW else numba.get_num_threads()
+
+def _after_fork_in_child() -> None:
+    global _forked_child, _launch_lock
+    _forked_child = True
+    _launch_lock = threading.Lock()  # another thread may have held it at the fork
 
 
-def _rows(a3: np.ndarray) -> np.ndarray:
-    return a3.reshape(a3.shape[0], a3.shape[1])
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _launch(kernel, size: int, *args) -> None:
+    global _layer_is_threadsafe
+    if size < SERIAL_BELOW:
+        k.SERIAL[kernel.__name__](*args, 1)
+    elif _forked_child:
+        k.SERIAL[kernel.__name__](*args, numba.get_num_threads())
+    elif _layer_is_threadsafe:
+        kernel(*args, numba.get_num_threads())
+    else:
+        with _launch_lock:
+            kernel(*args, numba.get_num_threads())
+            _layer_is_threadsafe = numba.threading_layer() != "workqueue"
+
+
+def _bits(a: np.ndarray | None) -> np.ndarray | None:
+    """float16 as its uint16 bits for the kernels (which have no float16), else ``a``."""
+    return a.view(np.uint16) if a is not None and a.dtype.itemsize == 2 else a
+
+
+def empty(shape3: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
+    """A new uninitialized C-contiguous output (large ones recycled by ``buffers.POOL``)."""
+    return POOL.empty(shape3, dtype)
 
 
 def moments(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if x3.shape[2] == 1:
-        return _launch(k.batch_moments_channels_last, _rows(x3),
-                       k.channels_last_block_rows(x3.shape[1]), threads=_threads(x3))
-    return _launch(k.batch_moments_planar, x3, k.planar_chunk(x3.shape[2]),
-                   threads=_threads(x3))
-
-
-def normalize(x3, mean, var, gamma, beta, eps, out3=None):
+    """Per-feature float64 ``(mean, var)`` of ``(outer, C, inner)`` ``x3``, one pass."""
     features = x3.shape[1]
-    invstd = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
-    scale = per_feature(gamma, features, 1.0) * invstd
-    shift = per_feature(beta, features, 0.0) - np.asarray(mean, dtype=np.float64) * scale
-    y3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
+    out = np.empty((2, features))
     if x3.shape[2] == 1:
-        _launch(k.scale_shift_channels_last, _rows(x3), scale, shift, _rows(y3),
-                threads=_threads(x3))
+        _launch(k.batch_moments_channels_last, x3.size, _bits(x3),
+                k.channels_last_block_rows(features), out[0], out[1])
     else:
-        _launch(k.scale_shift_planar, x3, scale, shift, k.planar_chunk(x3.shape[2]), y3,
-                threads=_threads(x3))
+        _launch(k.batch_moments_planar, x3.size, _bits(x3), k.planar_chunk(x3.shape[2]),
+                out[0], out[1])
+    return out[0], out[1]
+
+
+def nonfinite_features(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """int64 indices of the features whose mean or var is NaN or infinite."""
+    if k.nonfinite_count(mean, var) == 0:
+        return np.empty(0, np.int64)
+    return np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+
+
+def update_running_stats(running_mean: np.ndarray | None, running_var: np.ndarray | None,
+                         mean: np.ndarray, var: np.ndarray, count: int, momentum: float) -> bool:
+    """Running averages in place (unbiased variance); False, writing nothing, on overflow."""
+    return k.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+
+
+def normalize(x3: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarray | None,
+              beta: np.ndarray | None, eps: float, out3: np.ndarray | None = None,
+              residual3: np.ndarray | None = None, relu: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``y = act(x * scale + shift [+ residual])``; returns ``(y3, invstd)`` (see contract)."""
+    y3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
+    invstd = np.empty(x3.shape[1])
+    if x3.shape[2] == 1:
+        _launch(k.scale_shift_channels_last, x3.size, _bits(x3), mean, var, gamma, beta, eps,
+                _bits(residual3), relu, _bits(y3), invstd)
+    else:
+        _launch(k.scale_shift_planar, x3.size, _bits(x3), mean, var, gamma, beta, eps,
+                _bits(residual3), relu, k.planar_chunk(x3.shape[2]), _bits(y3), invstd)
     return y3, invstd
 
 
-def backward(dy3, x3, gamma, mean, invstd, batch_stats, out3=None):
-    outer, features, inner = x3.shape
-    threads = _threads(x3)
-    mean = np.asarray(mean, dtype=np.float64)
-    invstd = np.asarray(invstd, dtype=np.float64)
-    if inner == 1:
-        sum_dy, sum_dy_xmu = _launch(k.backward_reduce_channels_last, _rows(dy3), _rows(x3),
-                                     mean, threads=threads)
+def backward_reduce(dy3: np.ndarray, x3: np.ndarray, gamma: np.ndarray | None,
+                    beta: np.ndarray | None, mean: np.ndarray, invstd: np.ndarray,
+                    relu: bool = False, y3: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``(dgamma, dbeta)`` of this input (see contract)."""
+    out = np.empty((2, x3.shape[1]))
+    if x3.shape[2] == 1:
+        _launch(k.backward_reduce_channels_last, x3.size, _bits(dy3), _bits(x3), gamma, beta,
+                mean, invstd, relu, _bits(y3), out[0], out[1])
     else:
-        sum_dy, sum_dy_xmu = _launch(k.backward_reduce_planar, dy3, x3, mean,
-                                     k.planar_chunk(inner), threads=threads)
-    k1, k2, k3 = backward_coefficients(per_feature(gamma, features, 1.0), mean, invstd,
-                                       sum_dy, sum_dy_xmu, outer * inner, batch_stats)
+        _launch(k.backward_reduce_planar, x3.size, _bits(dy3), _bits(x3), gamma, beta, mean,
+                invstd, relu, _bits(y3), k.planar_chunk(x3.shape[2]), out[0], out[1])
+    return out[0], out[1]
+
+
+def backward_elementwise(dy3: np.ndarray, x3: np.ndarray, gamma: np.ndarray | None,
+                         beta: np.ndarray | None, mean: np.ndarray, invstd: np.ndarray,
+                         dgamma: np.ndarray, dbeta: np.ndarray, count: int, batch_stats: bool,
+                         out3: np.ndarray | None = None, relu: bool = False,
+                         y3: np.ndarray | None = None, dresidual3: np.ndarray | None = None
+                         ) -> np.ndarray:
+    """``dx = g * dy_scale + x * x_scale + dx_shift`` (and ``dresidual = g``); returns dx3."""
     dx3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
-    if inner == 1:
-        _launch(k.backward_elementwise_channels_last, _rows(dy3), _rows(x3), k1, k2, k3,
-                _rows(dx3), threads=threads)
+    if x3.shape[2] == 1:
+        _launch(k.backward_elementwise_channels_last, x3.size, _bits(dy3), _bits(x3), gamma,
+                beta, mean, invstd, dgamma, dbeta, count, batch_stats, relu, _bits(y3),
+                _bits(dx3), _bits(dresidual3))
     else:
-        _launch(k.backward_elementwise_planar, dy3, x3, k1, k2, k3, k.planar_chunk(inner), dx3,
-                threads=threads)
-    return dx3, sum_dy_xmu * invstd, sum_dy
+        _launch(k.backward_elementwise_planar, x3.size, _bits(dy3), _bits(x3), gamma, beta,
+                mean, invstd, dgamma, dbeta, count, batch_stats, relu, _bits(y3),
+                k.planar_chunk(x3.shape[2]), _bits(dx3), _bits(dresidual3))
+    return dx3
+

@@ -1,38 +1,69 @@
 """Numba ``@njit`` kernels of the ``"cpu"`` backend.
 
+==================================  =========================================================
+kernel                              job
+==================================  =========================================================
+``batch_moments_planar``            statistics pass: per-feature mean and biased variance
+``batch_moments_channels_last``     the same for ``(rows, C)``
+``update_running_stats``            per-feature: running averages, all or nothing
+``normalize_coefficients``          per-feature: invstd, scale, shift
+``scale_shift_planar``              forward elementwise pass: y = act(x*scale + shift [+ r])
+``scale_shift_channels_last``       the same for ``(rows, C)``
+``backward_reduce_planar``          backward reduction: dgamma, dbeta
+``backward_reduce_channels_last``   the same for ``(rows, C)``
+``backward_coefficients``           per-feature: dy_scale, x_scale, dx_shift
+``backward_elementwise_planar``     backward elementwise: dx = g*dy_scale + x*x_scale + dx_shift
+``backward_elementwise_channels_last``  the same for ``(rows, C)``
+==================================  =========================================================
+
 Two layouts of the canonical ``(outer, C, inner)`` view, as named twins:
 
 * ``*_planar``: ``inner > 1`` (NCHW, the course layout ``(C, m)``): each ``(o, c)`` row is a
-  contiguous run of one feature, cut into cache-sized chunks.
-* ``*_channels_last``: ``inner == 1`` (NC, NHWC): a 2-D ``(rows, C)`` array whose rows hold every
-  feature, processed in blocks of rows so the vector loop runs along C.
+  contiguous run of one feature, cut into cache-sized chunks (``PLANAR_CHUNK``).
+* ``*_channels_last``: ``inner == 1`` (NC, NHWC): viewed as a 2-D ``(rows, C)`` array whose rows
+  hold every feature, processed in blocks of rows so the vector loop runs along C.
 
-Four steps, each one pass over memory, with the same names as the CUDA kernels:
-``batch_moments_*`` (statistics), ``scale_shift_*`` (fused normalize, y = x*scale + shift),
-``backward_reduce_*`` (sum dy, sum dy*(x-mean)), ``backward_elementwise_*`` (dx = k1*dy + k2*x + k3).
+Each pass kernel also does its per-feature step (coefficients from the statistics, the merge of
+the per-thread partials), so one backend call is one compiled call: at training sizes the
+Python around a kernel costs more than the kernel. Per-feature math comes from
+``feature_math`` (shared with the CUDA kernels), compiled here with ``njit(inline="always")``.
 
-Reductions give each thread its own slice of partial results (``prange`` over threads), then merge
-the partials serially in float64. Statistics are single-pass over memory: a chunk small enough to
-stay in cache is summed twice (mean, then squared deviations, both plain vectorizable loops) and
-the chunk's moments are merged with Chan's formula. Per-element Welford would need a divide per
-element and does not vectorize.
+Reductions give each thread its own slice of partial results (``prange`` over threads), then
+``merge_thread_partials`` merges them serially in float64. Statistics are single-pass over
+memory: a chunk small enough to stay in cache is summed twice (mean, then squared deviations,
+both plain vectorizable loops) and the chunk's moments are merged with Chan's formula.
+Per-element Welford would need a divide per element and does not vectorize.
 
-Kernels take ``max_threads`` as their last argument: calling ``numba.get_num_threads()`` inside a
-kernel makes it uncacheable (a dynamic global), and every process would recompile.
+Elements are loaded with ``widen`` (float64) and stored with ``narrow`` (rounded once), which
+handle float16 given as its uint16 bits (``half``). Kernels take ``max_threads`` as their last
+argument: calling ``numba.get_num_threads()`` inside a kernel makes it uncacheable (a dynamic
+global), and every process would recompile. Outputs are arguments, never return values: a
+returned array costs about 0.6 us of boxing per call.
 """
 
 from __future__ import annotations
 
+import math
 import types
 
 import numpy as np
 from numba import njit, prange
+from numba import types as nb_types
+from numba.extending import overload
+
+from . import feature_math
+from .half import narrow, widen
 
 # Reassociation lets LLVM vectorize the float64 reductions; no 'nnan'/'ninf', so NaN and Inf
-# still propagate to the statistics, where the non-finite check looks for them.
-FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-KERNEL = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
-SERIAL_KERNEL = dict(cache=True, fastmath=FASTMATH, nogil=True)
+# still propagate to the statistics, where the non-finite check looks for them. No 'contract'
+# either: the backward recomputes the forward's ReLU mask from x, which must give bitwise the
+# forward's y, and a multiply-add fused into an FMA in one kernel but not the other would not.
+FASTMATH = {"reassoc", "nsz", "arcp"}
+# error_model="numpy": a division by zero gives inf/nan instead of a Python exception, whose
+# check would also keep the loops from vectorizing.
+HELPER = dict(cache=True, fastmath=FASTMATH, error_model="numpy")
+KERNEL = dict(HELPER, parallel=True, nogil=True)
+SERIAL_KERNEL = dict(HELPER, nogil=True)
 
 #: The single-threaded compilation of each parallel kernel, by kernel name.
 SERIAL = {}
@@ -44,7 +75,9 @@ def threaded_and_serial(kernel):
     Small inputs take the serial one: entering a ``parallel=True`` function synchronizes with
     Numba's thread pool even when it then runs one thread, and when BLAS threads still spin on
     the cores after a matmul that costs milliseconds (measured: 8 ms per call beside a 64x128
-    matmul, against 6 us). The copy gets its own name, so the two compilations cache apart.
+    matmul, against 6 us). The serial one called with ``max_threads = T`` splits the work into
+    the same T partials as the threaded one, so it gives bitwise the same result (a forked
+    child uses that). The copy gets its own name, so the two compilations cache apart.
     """
     serial = types.FunctionType(kernel.__code__, kernel.__globals__, kernel.__name__ + "_serial",
                                 kernel.__defaults__, kernel.__closure__)
@@ -52,21 +85,66 @@ def threaded_and_serial(kernel):
     SERIAL[kernel.__name__] = njit(**SERIAL_KERNEL)(serial)
     return njit(**KERNEL)(kernel)
 
+
 PLANAR_CHUNK = 4096        # elements of one row read twice from L1/L2 by batch_moments_planar
 BLOCK_ELEMENTS = 65536     # elements in a block of channels-last rows (256 KiB of float32: L2)
 MIN_BLOCK_ROWS = 8         # keeps the per-block merge cheap when C is very large
 
-
 # ----------------------------------------------------------------------------- shared math
-@njit(inline="always", cache=True)
-def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
-    """Chan et al.'s parallel update: moments of the union of two disjoint sets."""
-    count = count_a + count_b
-    if count_b == 0.0:
-        return count_a, mean_a, m2_a
-    delta = mean_b - mean_a
-    ratio = count_b / count
-    return count, mean_a + delta * ratio, m2_a + m2_b + delta * delta * count_a * ratio
+_inline = njit(inline="always", cache=True)
+chan_merge = _inline(feature_math.chan_merge)
+inverse_std = _inline(feature_math.inverse_std)
+affine_scale = _inline(feature_math.affine_scale)
+affine_shift = _inline(feature_math.affine_shift)
+backward_dy_scale = _inline(feature_math.backward_dy_scale)
+backward_x_scale = _inline(feature_math.backward_x_scale)
+backward_dx_shift = _inline(feature_math.backward_dx_shift)
+unbiased_variance = _inline(feature_math.unbiased_variance)
+running_average = _inline(feature_math.running_average)
+
+
+def feature_value(vector, c, default):
+    """``vector[c]`` as float64, or ``default`` where the vector is None (gamma/beta)."""
+
+
+@overload(feature_value, inline="always")
+def _feature_value(vector, c, default):
+    if isinstance(vector, nb_types.NoneType):
+        return lambda vector, c, default: default
+    return lambda vector, c, default: widen(vector[c])
+
+
+def run_of(a, o, c, start, stop):
+    """The run ``a[o, c, start:stop]`` of an optional array (None stays None)."""
+
+
+@overload(run_of, inline="always")
+def _run_of(a, o, c, start, stop):
+    if isinstance(a, nb_types.NoneType):
+        return lambda a, o, c, start, stop: None
+    return lambda a, o, c, start, stop: a[o, c, start:stop]
+
+
+def rows_of(a):
+    """The ``(rows, C)`` view of a channels-last ``(rows, C, 1)`` array (None stays None)."""
+
+
+@overload(rows_of, inline="always")
+def _rows_of(a):
+    if isinstance(a, nb_types.NoneType):
+        return lambda a: None
+    return lambda a: a.reshape(a.shape[0], a.shape[1])
+
+
+def row_of(a, r):
+    """Row ``a[r]`` of an optional 2-D array (None stays None)."""
+
+
+@overload(row_of, inline="always")
+def _row_of(a, r):
+    if isinstance(a, nb_types.NoneType):
+        return lambda a, r: None
+    return lambda a, r: a[r]
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH)
@@ -74,29 +152,26 @@ def chunk_moments(run):
     """Count, mean and sum of squared deviations of a cache-resident 1-D run of values."""
     total = 0.0
     for i in range(run.size):
-        total += run[i]
+        total += widen(run[i])
     count = float(run.size)
     mean = total / count
     m2 = 0.0
     for i in range(run.size):
-        d = run[i] - mean
+        d = widen(run[i]) - mean
         m2 += d * d
     return count, mean, m2
 
 
-@njit(cache=True)
-def merge_thread_partials(count, mean, m2):
+@njit(**HELPER)
+def merge_thread_partials(count, mean, m2, out_mean, out_var):
     """Merge per-thread ``(T, C)`` partial moments into per-feature mean and biased variance."""
     threads, features = count.shape
-    out_mean = np.empty(features)
-    out_var = np.empty(features)
     for c in range(features):
         n, mu, q = 0.0, 0.0, 0.0
         for t in range(threads):
             n, mu, q = chan_merge(n, mu, q, count[t, c], mean[t, c], m2[t, c])
         out_mean[c] = mu
         out_var[c] = q / n
-    return out_mean, out_var
 
 
 @njit(inline="always", cache=True)
@@ -120,6 +195,11 @@ def planar_item(item, features, n_chunks, chunk, inner):
     return row // features, row % features, start, min(start + chunk, inner)
 
 
+@njit(inline="always", cache=True)
+def thread_count(max_threads, items):
+    return max(1, min(max_threads, items))
+
+
 # Each parallel kernel is a prange over threads handing every thread a contiguous range of work
 # items to a serial function (``*_items``): loops written directly inside a prange body are
 # compiled as part of Numba's parfor and lose their vectorization; called functions keep it.
@@ -127,7 +207,7 @@ def planar_item(item, features, n_chunks, chunk, inner):
 # row: LLVM vectorizes the first and not the second (measured: 6x slower statistics).
 
 # ----------------------------------------------------------------------------- statistics
-@njit(cache=True, fastmath=FASTMATH)
+@njit(**HELPER)
 def moments_items_planar(x, chunk, lo, hi, count, mean, m2):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
@@ -138,20 +218,20 @@ def moments_items_planar(x, chunk, lo, hi, count, mean, m2):
 
 
 @threaded_and_serial
-def batch_moments_planar(x, chunk, max_threads):
-    outer, features, inner = x.shape
+def batch_moments_planar(x, chunk, out_mean, out_var, max_threads):
+    features = x.shape[1]
     items = planar_work(x, chunk)[1]
-    threads = max(1, min(max_threads, items))
+    threads = thread_count(max_threads, items)
     count = np.zeros((threads, features))
     mean = np.zeros((threads, features))
     m2 = np.zeros((threads, features))
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
         moments_items_planar(x, chunk, lo, hi, count[t], mean[t], m2[t])
-    return merge_thread_partials(count, mean, m2)
+    merge_thread_partials(count, mean, m2, out_mean, out_var)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(**HELPER)
 def moments_items_channels_last(x, block_rows, lo, hi, count, mean, m2):
     rows, features = x.shape
     block_mean = np.empty(features)
@@ -162,14 +242,16 @@ def moments_items_channels_last(x, block_rows, lo, hi, count, mean, m2):
         n_b = float(r1 - r0)
         block_mean[:] = 0.0
         for r in range(r0, r1):
+            xr = x[r]
             for c in range(features):
-                block_mean[c] += x[r, c]
+                block_mean[c] += widen(xr[c])
         for c in range(features):
             block_mean[c] /= n_b
         block_m2[:] = 0.0
         for r in range(r0, r1):
+            xr = x[r]
             for c in range(features):
-                d = x[r, c] - block_mean[c]
+                d = widen(xr[c]) - block_mean[c]
                 block_m2[c] += d * d
         for c in range(features):
             count[c], mean[c], m2[c] = chan_merge(count[c], mean[c], m2[c],
@@ -177,160 +259,355 @@ def moments_items_channels_last(x, block_rows, lo, hi, count, mean, m2):
 
 
 @threaded_and_serial
-def batch_moments_channels_last(x, block_rows, max_threads):
+def batch_moments_channels_last(x3, block_rows, out_mean, out_var, max_threads):
+    x = rows_of(x3)
     rows, features = x.shape
     blocks = (rows + block_rows - 1) // block_rows
-    threads = max(1, min(max_threads, blocks))
+    threads = thread_count(max_threads, blocks)
     count = np.zeros((threads, features))
     mean = np.zeros((threads, features))
     m2 = np.zeros((threads, features))
     for t in prange(threads):
         lo, hi = thread_range(blocks, threads, t)
         moments_items_channels_last(x, block_rows, lo, hi, count[t], mean[t], m2[t])
-    return merge_thread_partials(count, mean, m2)
+    merge_thread_partials(count, mean, m2, out_mean, out_var)
+
+
+# ----------------------------------------------------------------------------- per feature
+@njit(**HELPER)
+def running_update_fits(running, batch, count, momentum, unbiased):
+    """Whether every updated value of ``running`` is finite once rounded to its dtype."""
+    if running is None:
+        return True
+    for c in range(running.shape[0]):
+        value = unbiased_variance(batch[c], count) if unbiased else batch[c]
+        new = running_average(widen(running[c]), value, momentum)
+        if not math.isfinite(widen(narrow(new, running))):
+            return False
+    return True
+
+
+@njit(**HELPER)
+def running_update_write(running, batch, count, momentum, unbiased):
+    if running is None:
+        return
+    for c in range(running.shape[0]):
+        value = unbiased_variance(batch[c], count) if unbiased else batch[c]
+        running[c] = narrow(running_average(widen(running[c]), value, momentum), running)
+
+
+@njit(**HELPER)
+def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """Running averages of the batch mean and unbiased variance, written only if all fit."""
+    if not (running_update_fits(running_mean, mean, count, momentum, False)
+            and running_update_fits(running_var, var, count, momentum, True)):
+        return False
+    running_update_write(running_mean, mean, count, momentum, False)
+    running_update_write(running_var, var, count, momentum, True)
+    return True
+
+
+@njit(**HELPER)
+def affine_coefficients(gamma, beta, mean, invstd, scale, shift):
+    """The forward's per-feature ``scale`` and ``shift`` (gamma/beta None mean 1 and 0)."""
+    for c in range(mean.shape[0]):
+        scale[c] = affine_scale(feature_value(gamma, c, 1.0), invstd[c])
+        shift[c] = affine_shift(feature_value(beta, c, 0.0), mean[c], scale[c])
+
+
+@njit(**HELPER)
+def normalize_coefficients(mean, var, gamma, beta, eps, invstd, scale, shift):
+    """invstd (written to ``invstd``), scale and shift of the forward, per feature."""
+    for c in range(mean.shape[0]):
+        invstd[c] = inverse_std(var[c], eps)
+    affine_coefficients(gamma, beta, mean, invstd, scale, shift)
+
+
+@njit(**HELPER)
+def nonfinite_count(mean, var):
+    """Number of features whose mean or variance is NaN or infinite."""
+    bad = 0
+    for c in range(mean.shape[0]):
+        if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
+            bad += 1
+    return bad
 
 
 # ----------------------------------------------------------------------------- forward
 # Coefficients are float64: x*scale + shift cancels when |mean| >> std, and a float32 shift
 # would carry an absolute error of |mean|/std * 6e-8. The pass is memory-bound, so the wider
 # arithmetic is free; each element is loaded in its dtype and rounded once at the store.
-@njit(cache=True, fastmath=FASTMATH)
-def scale_shift_items_planar(x, scale, shift, chunk, lo, hi, y):
+@njit(**HELPER)
+def forward_value(x_run, residual_run, i, scale, shift, relu):
+    """``act(x*scale + shift [+ residual])`` of element i, in float64 (ReLU keeps NaN)."""
+    value = widen(x_run[i]) * scale + shift
+    if residual_run is not None:
+        value += widen(residual_run[i])
+    if relu:
+        value = 0.0 if value < 0.0 else value
+    return value
+
+
+@njit(**HELPER)
+def scale_shift_run(x_run, residual_run, scale, shift, relu, y_run):
+    for i in range(x_run.size):
+        y_run[i] = narrow(forward_value(x_run, residual_run, i, scale, shift, relu), y_run)
+
+
+@njit(**HELPER)
+def scale_shift_items_planar(x, residual, scale, shift, relu, chunk, lo, hi, y):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
     for item in range(lo, hi):
         o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
-        a = scale[c]
-        b = shift[c]
-        xr = x[o, c, start:stop]
-        yr = y[o, c, start:stop]
-        for i in range(xr.size):
-            yr[i] = xr[i] * a + b
+        scale_shift_run(x[o, c, start:stop], run_of(residual, o, c, start, stop),
+                        scale[c], shift[c], relu, y[o, c, start:stop])
 
 
 @threaded_and_serial
-def scale_shift_planar(x, scale, shift, chunk, y, max_threads):
-    outer, features, inner = x.shape
+def scale_shift_planar(x, mean, var, gamma, beta, eps, residual, relu, chunk, y, invstd,
+                       max_threads):
+    features = x.shape[1]
+    scale = np.empty(features)
+    shift = np.empty(features)
+    normalize_coefficients(mean, var, gamma, beta, eps, invstd, scale, shift)
     items = planar_work(x, chunk)[1]
-    threads = max(1, min(max_threads, items))
+    threads = thread_count(max_threads, items)
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
-        scale_shift_items_planar(x, scale, shift, chunk, lo, hi, y)
+        scale_shift_items_planar(x, residual, scale, shift, relu, chunk, lo, hi, y)
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def scale_shift_items_channels_last(x, scale, shift, lo, hi, y):
-    features = x.shape[1]
+@njit(**HELPER)
+def scale_shift_row(x_row, residual_row, scale, shift, relu, y_row):
+    for c in range(x_row.size):
+        y_row[c] = narrow(forward_value(x_row, residual_row, c, scale[c], shift[c], relu), y_row)
+
+
+@njit(**HELPER)
+def scale_shift_items_channels_last(x, residual, scale, shift, relu, lo, hi, y):
     for r in range(lo, hi):
-        for c in range(features):
-            y[r, c] = x[r, c] * scale[c] + shift[c]
+        scale_shift_row(x[r], row_of(residual, r), scale, shift, relu, y[r])
 
 
 @threaded_and_serial
-def scale_shift_channels_last(x, scale, shift, y, max_threads):
+def scale_shift_channels_last(x3, mean, var, gamma, beta, eps, residual3, relu, y3, invstd,
+                              max_threads):
+    x, residual, y = rows_of(x3), rows_of(residual3), rows_of(y3)
+    features = x.shape[1]
+    scale = np.empty(features)
+    shift = np.empty(features)
+    normalize_coefficients(mean, var, gamma, beta, eps, invstd, scale, shift)
     rows = x.shape[0]
-    threads = max(1, min(max_threads, rows))
+    threads = thread_count(max_threads, rows)
     for t in prange(threads):
         lo, hi = thread_range(rows, threads, t)
-        scale_shift_items_channels_last(x, scale, shift, lo, hi, y)
+        scale_shift_items_channels_last(x, residual, scale, shift, relu, lo, hi, y)
 
 
 # ----------------------------------------------------------------------------- backward
-@njit(cache=True, fastmath=FASTMATH)
-def backward_reduce_items_planar(dy, x, mean, chunk, lo, hi, sum_dy, sum_dy_xmu):
+@njit(**HELPER)
+def masked_gradient(dy_run, x_run, y_run, i, relu, scale, shift):
+    """``g = dy`` of element i, zeroed where the forward's ReLU output was not > 0.
+
+    The mask is ``y > 0`` from the forward output, or, without it, the same expression the
+    forward computed (``x*scale + shift`` rounded to the dtype), so it agrees bit for bit.
+    """
+    g = widen(dy_run[i])
+    if relu:
+        if y_run is None:
+            positive = widen(narrow(widen(x_run[i]) * scale + shift, x_run)) > 0.0
+        else:
+            positive = widen(y_run[i]) > 0.0
+        g = g if positive else 0.0
+    return g
+
+
+@njit(**HELPER)
+def backward_reduce_run(dy_run, x_run, y_run, mu, relu, scale, shift):
+    sum_g = 0.0
+    sum_g_xmu = 0.0
+    for i in range(x_run.size):
+        g = masked_gradient(dy_run, x_run, y_run, i, relu, scale, shift)
+        sum_g += g
+        sum_g_xmu += g * (widen(x_run[i]) - mu)
+    return sum_g, sum_g_xmu
+
+
+@njit(**HELPER)
+def backward_reduce_items_planar(dy, x, y, mean, relu, scale, shift, chunk, lo, hi,
+                                 sum_g, sum_g_xmu):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
     for item in range(lo, hi):
         o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
-        mu = mean[c]
-        dyr = dy[o, c, start:stop]
-        xr = x[o, c, start:stop]
-        s = 0.0
-        p = 0.0
-        for i in range(xr.size):
-            g = dyr[i]
-            s += g
-            p += g * (xr[i] - mu)
-        sum_dy[c] += s
-        sum_dy_xmu[c] += p
+        s, p = backward_reduce_run(dy[o, c, start:stop], x[o, c, start:stop],
+                                   run_of(y, o, c, start, stop), mean[c], relu, scale[c],
+                                   shift[c])
+        sum_g[c] += s
+        sum_g_xmu[c] += p
+
+
+@njit(**HELPER)
+def merge_gradient_partials(sum_g, sum_g_xmu, invstd, dgamma, dbeta):
+    """``dbeta = sum(g)``, ``dgamma = sum(g * (x - mean)) * invstd`` from ``(T, C)`` partials."""
+    threads, features = sum_g.shape
+    for c in range(features):
+        s, p = 0.0, 0.0
+        for t in range(threads):
+            s += sum_g[t, c]
+            p += sum_g_xmu[t, c]
+        dbeta[c] = s
+        dgamma[c] = p * invstd[c]
 
 
 @threaded_and_serial
-def backward_reduce_planar(dy, x, mean, chunk, max_threads):
-    outer, features, inner = x.shape
+def backward_reduce_planar(dy, x, gamma, beta, mean, invstd, relu, y, chunk, dgamma, dbeta,
+                           max_threads):
+    features = x.shape[1]
+    scale = np.empty(features)
+    shift = np.empty(features)
+    affine_coefficients(gamma, beta, mean, invstd, scale, shift)
     items = planar_work(x, chunk)[1]
-    threads = max(1, min(max_threads, items))
-    sum_dy = np.zeros((threads, features))
-    sum_dy_xmu = np.zeros((threads, features))
+    threads = thread_count(max_threads, items)
+    sum_g = np.zeros((threads, features))
+    sum_g_xmu = np.zeros((threads, features))
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
-        backward_reduce_items_planar(dy, x, mean, chunk, lo, hi, sum_dy[t], sum_dy_xmu[t])
-    return sum_dy.sum(axis=0), sum_dy_xmu.sum(axis=0)
+        backward_reduce_items_planar(dy, x, y, mean, relu, scale, shift, chunk, lo, hi,
+                                     sum_g[t], sum_g_xmu[t])
+    merge_gradient_partials(sum_g, sum_g_xmu, invstd, dgamma, dbeta)
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def backward_reduce_items_channels_last(dy, x, mean, lo, hi, sum_dy, sum_dy_xmu):
-    features = x.shape[1]
+@njit(**HELPER)
+def backward_reduce_row(dy_row, x_row, y_row, mean, relu, scale, shift, sum_g, sum_g_xmu):
+    for c in range(x_row.size):
+        g = masked_gradient(dy_row, x_row, y_row, c, relu, scale[c], shift[c])
+        sum_g[c] += g
+        sum_g_xmu[c] += g * (widen(x_row[c]) - mean[c])
+
+
+@njit(**HELPER)
+def backward_reduce_items_channels_last(dy, x, y, mean, relu, scale, shift, lo, hi,
+                                        sum_g, sum_g_xmu):
     for r in range(lo, hi):
-        for c in range(features):
-            g = dy[r, c]
-            sum_dy[c] += g
-            sum_dy_xmu[c] += g * (x[r, c] - mean[c])
+        backward_reduce_row(dy[r], x[r], row_of(y, r), mean, relu, scale, shift,
+                            sum_g, sum_g_xmu)
 
 
 @threaded_and_serial
-def backward_reduce_channels_last(dy, x, mean, max_threads):
+def backward_reduce_channels_last(dy3, x3, gamma, beta, mean, invstd, relu, y3, dgamma, dbeta,
+                                  max_threads):
+    dy, x, y = rows_of(dy3), rows_of(x3), rows_of(y3)
     rows, features = x.shape
-    threads = max(1, min(max_threads, rows))
-    sum_dy = np.zeros((threads, features))
-    sum_dy_xmu = np.zeros((threads, features))
+    scale = np.empty(features)
+    shift = np.empty(features)
+    affine_coefficients(gamma, beta, mean, invstd, scale, shift)
+    threads = thread_count(max_threads, rows)
+    sum_g = np.zeros((threads, features))
+    sum_g_xmu = np.zeros((threads, features))
     for t in prange(threads):
         lo, hi = thread_range(rows, threads, t)
-        backward_reduce_items_channels_last(dy, x, mean, lo, hi, sum_dy[t], sum_dy_xmu[t])
-    return sum_dy.sum(axis=0), sum_dy_xmu.sum(axis=0)
+        backward_reduce_items_channels_last(dy, x, y, mean, relu, scale, shift, lo, hi,
+                                            sum_g[t], sum_g_xmu[t])
+    merge_gradient_partials(sum_g, sum_g_xmu, invstd, dgamma, dbeta)
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def backward_elementwise_items_planar(dy, x, k1, k2, k3, chunk, lo, hi, dx):
+@njit(**HELPER)
+def backward_coefficients(gamma, mean, invstd, dgamma, dbeta, count, batch_stats,
+                          dy_scale, x_scale, dx_shift):
+    """Per-feature ``dx = g*dy_scale + x*x_scale + dx_shift`` (see feature_math)."""
+    for c in range(mean.shape[0]):
+        dy_scale[c] = backward_dy_scale(feature_value(gamma, c, 1.0), invstd[c])
+        x_scale[c] = backward_x_scale(dy_scale[c], invstd[c], dgamma[c], count, batch_stats)
+        dx_shift[c] = backward_dx_shift(dy_scale[c], x_scale[c], mean[c], dbeta[c], count,
+                                        batch_stats)
+
+
+@njit(inline="always", cache=True)
+def backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count, batch_stats):
+    """The per-feature arrays of the elementwise pass: ReLU mask's scale/shift and dx's."""
+    features = mean.shape[0]
+    coefficients = np.empty((5, features))
+    affine_coefficients(gamma, beta, mean, invstd, coefficients[0], coefficients[1])
+    backward_coefficients(gamma, mean, invstd, dgamma, dbeta, count, batch_stats,
+                          coefficients[2], coefficients[3], coefficients[4])
+    return coefficients
+
+
+@njit(**HELPER)
+def backward_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift, dy_scale, x_scale,
+                     dx_shift, dx_run, dresidual_run):
+    g = masked_gradient(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift)
+    if dresidual_run is not None:
+        dresidual_run[i] = narrow(g, dresidual_run)
+    dx_run[i] = narrow(g * dy_scale + widen(x_run[i]) * x_scale + dx_shift, dx_run)
+
+
+@njit(**HELPER)
+def backward_elementwise_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dy_scale,
+                             x_scale, dx_shift, dx_run, dresidual_run):
+    for i in range(x_run.size):
+        backward_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift, dy_scale,
+                         x_scale, dx_shift, dx_run, dresidual_run)
+
+
+@njit(**HELPER)
+def backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, hi, dx,
+                                      dresidual):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
     for item in range(lo, hi):
         o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
-        a = k1[c]
-        b = k2[c]
-        d = k3[c]
-        dyr = dy[o, c, start:stop]
-        xr = x[o, c, start:stop]
-        dxr = dx[o, c, start:stop]
-        for i in range(xr.size):
-            dxr[i] = dyr[i] * a + xr[i] * b + d
+        backward_elementwise_run(dy[o, c, start:stop], x[o, c, start:stop],
+                                 run_of(y, o, c, start, stop), relu, coefficients[0, c],
+                                 coefficients[1, c], coefficients[2, c], coefficients[3, c],
+                                 coefficients[4, c], dx[o, c, start:stop],
+                                 run_of(dresidual, o, c, start, stop))
 
 
 @threaded_and_serial
-def backward_elementwise_planar(dy, x, k1, k2, k3, chunk, dx, max_threads):
-    outer, features, inner = x.shape
+def backward_elementwise_planar(dy, x, gamma, beta, mean, invstd, dgamma, dbeta, count,
+                                batch_stats, relu, y, chunk, dx, dresidual, max_threads):
+    coefficients = backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count,
+                                    batch_stats)
     items = planar_work(x, chunk)[1]
-    threads = max(1, min(max_threads, items))
+    threads = thread_count(max_threads, items)
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
-        backward_elementwise_items_planar(dy, x, k1, k2, k3, chunk, lo, hi, dx)
+        backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, hi, dx,
+                                          dresidual)
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def backward_elementwise_items_channels_last(dy, x, k1, k2, k3, lo, hi, dx):
-    features = x.shape[1]
+@njit(**HELPER)
+def backward_elementwise_row(dy_row, x_row, y_row, relu, coefficients, dx_row, dresidual_row):
+    for c in range(x_row.size):
+        backward_element(dy_row, x_row, y_row, c, relu, coefficients[0, c], coefficients[1, c],
+                         coefficients[2, c], coefficients[3, c], coefficients[4, c], dx_row,
+                         dresidual_row)
+
+
+@njit(**HELPER)
+def backward_elementwise_items_channels_last(dy, x, y, relu, coefficients, lo, hi, dx,
+                                             dresidual):
     for r in range(lo, hi):
-        for c in range(features):
-            dx[r, c] = dy[r, c] * k1[c] + x[r, c] * k2[c] + k3[c]
+        backward_elementwise_row(dy[r], x[r], row_of(y, r), relu, coefficients, dx[r],
+                                 row_of(dresidual, r))
 
 
 @threaded_and_serial
-def backward_elementwise_channels_last(dy, x, k1, k2, k3, dx, max_threads):
+def backward_elementwise_channels_last(dy3, x3, gamma, beta, mean, invstd, dgamma, dbeta, count,
+                                       batch_stats, relu, y3, dx3, dresidual3, max_threads):
+    dy, x, y, dx, dresidual = (rows_of(dy3), rows_of(x3), rows_of(y3), rows_of(dx3),
+                               rows_of(dresidual3))
+    coefficients = backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count,
+                                    batch_stats)
     rows = x.shape[0]
-    threads = max(1, min(max_threads, rows))
+    threads = thread_count(max_threads, rows)
     for t in prange(threads):
         lo, hi = thread_range(rows, threads, t)
-        backward_elementwise_items_channels_last(dy, x, k1, k2, k3, lo, hi, dx)
+        backward_elementwise_items_channels_last(dy, x, y, relu, coefficients, lo, hi, dx,
+                                                 dresidual)
 
 
 def planar_chunk(inner: int) -> int:
