@@ -71,9 +71,11 @@ def _fused_step(residual: bool):
             y, mean, invstd = fastbn.batch_norm_forward(a.x, a.gamma, a.beta, eps=EPS,
                                                         axis=axis, residual=z,
                                                         activation="relu", backend="cpu")
+            # the ReLU mask: recomputed from beta, or read from y when a residual was added
+            mask_source = {"y": y} if residual else {"beta": a.beta}
             grads = fastbn.batch_norm_backward(a.dy, a.x, a.gamma, mean, invstd, axis=axis,
                                                activation="relu", residual=residual,
-                                               backend="cpu")
+                                               backend="cpu", **mask_source)
             return (y, *grads)
         return body
     return setup

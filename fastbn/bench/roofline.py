@@ -30,15 +30,15 @@ PASS_STREAMS: dict[str, int] = {
 }
 PASSES: tuple[str, ...] = tuple(PASS_STREAMS)
 
-# The fused operations of issue 13 (the fused section), counted the same way. ReLU adds no
-# stream: its mask is recomputed from x and the per-feature coefficients. The residual adds one
-# read to the forward; its backward must also write d(residual), and needs the mask, which the
-# minimum keeps as 1 bit per element (1/16 of a float16 stream, not counted): reduce reads dy
-# and x, the elementwise pass reads dy and x and writes dx and d(residual).
+# The fused operations of issue 13 (the fused section), counted the same way for fastbn's
+# design (docs/api.md): without a residual the ReLU adds no stream, its mask is recomputed from
+# x and the per-feature coefficients. The residual adds one read to the forward; its backward
+# reads the mask from the forward's y in both of its passes (reduce: dy, x, y; elementwise:
+# dy, x, y read, dx and d(residual) written).
 FUSED_STREAMS: dict[str, int] = {
     "bn-relu-step": 3 + 5,       # forward-train + backward
     "bn-relu-eval": 2,
-    "bn-add-relu-step": 4 + 6,
+    "bn-add-relu-step": 4 + 8,
     "bn-add-relu-eval": 3,
 }
 STREAMS: dict[str, int] = {**PASS_STREAMS, **FUSED_STREAMS}
