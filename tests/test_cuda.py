@@ -462,6 +462,39 @@ def test_scratch_space_is_reused_across_calls(monkeypatch, launch):
         [(2, 3), (4, 3, 5), (3,), (2, 3), (4, 3, 5)])
 
 
+@pytest.fixture
+def host_waits(monkeypatch):
+    """Record every way the backend can wait for the device: copies to the host and stream
+    or device synchronization."""
+    waits = []
+    array_type = type(cuda.to_device(np.ones(1)))
+    for owner, name in ((array_type, "copy_to_host"), (type(cuda.stream()), "synchronize"),
+                        (cuda, "synchronize")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _o=original, _n=name, **kw:
+                            waits.append(_n) or _o(*a, **kw))
+    return waits
+
+
+def test_only_the_training_nan_check_waits_for_the_device(host_waits):
+    x3 = device3(make((4, 3, 5), np.float32), 1)
+    dy3 = device3(make((4, 3, 5), np.float32, seed=3), 1)
+    running = cuda.to_device(np.zeros(3, np.float32)), cuda.to_device(np.ones(3, np.float32))
+    gamma, beta = (cuda.to_device(p) for p in params(3, np.float32))
+    mean, var = cb.moments(x3)
+    assert cb.nonfinite_features(mean, var).size == 0
+    # Two asynchronous copies into pinned memory, then the one wait for them.
+    assert host_waits == ["copy_to_host", "copy_to_host", "synchronize"]
+    host_waits.clear()
+    assert cb.update_running_stats(*running, mean, var, 20, 0.1)
+    y3, invstd = cb.normalize(x3, mean, var, gamma, beta, EPS, relu=True)
+    cb.normalize(x3, *running, gamma, beta, EPS)  # eval
+    dgamma, dbeta = cb.backward_reduce(dy3, x3, gamma, beta, mean, invstd, relu=True)
+    cb.backward_elementwise(dy3, x3, gamma, beta, mean, invstd, dgamma, dbeta, 20, True,
+                            relu=True)
+    assert host_waits == []
+
+
 # ----------------------------------------------------------------------------- streams
 def test_kernels_run_on_the_use_stream_stream_and_outputs_carry_it(launches):
     stream = cuda.stream()
