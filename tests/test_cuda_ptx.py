@@ -80,6 +80,7 @@ COMPILE_EVERY_KERNEL = textwrap.dedent("""
                     "narrow_arithmetic": sorted(set(ARITHMETIC.findall(ptx))),
                     "local_memory": ".local" in ptx,
                     "global_loads": len(re.findall(r"\\bld\\.global", ptx)),
+                    "integer_divisions": len(re.findall(r"\\b(?:div|rem)\\.[su]64", ptx)),
                 })
     print(json.dumps(report))
 """)
@@ -115,3 +116,12 @@ def test_loads_in_flight_live_in_registers(ptx_report):
             # The group of LOADS values is loaded by unrolled code, not one load in a loop.
             loads = ptx_report[f"batch_moments_{layout}[{dtype}]"][0]["global_loads"]
             assert loads >= k.LOADS, (layout, dtype, loads)
+
+
+def test_planar_elementwise_passes_divide_once_per_feature_not_per_row(ptx_report):
+    # A block owns a feature: the only 64-bit division left is the set-up of the loop over
+    # features (a range() trip count), none per row or element.
+    for kernel in ("scale_shift_planar", "backward_elementwise_planar"):
+        for dtype in ("float16", "float32", "float64"):
+            for sig in ptx_report[f"{kernel}[{dtype}]"]:
+                assert sig["integer_divisions"] <= 1, (kernel, dtype, sig)

@@ -380,8 +380,10 @@ def scale_shift_planar(x, mean, var, gamma, beta, eps, residual, relu, y, invstd
         inv, scale, shift = normalize_coefficients(mean, var, gamma, beta, c, eps)
         if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
             invstd[c] = inv
-        for o in range(first_o, outer, stride_o):
-            for i0 in range(cuda.threadIdx.x, inner, along * LOADS):
+        o = first_o
+        while o < outer:  # while, not range: no division per row
+            i0 = cuda.threadIdx.x
+            while i0 < inner:
                 for q in range(LOADS):
                     i = i0 + q * along
                     if i < inner:
@@ -391,6 +393,8 @@ def scale_shift_planar(x, mean, var, gamma, beta, eps, residual, relu, y, invstd
                     i = i0 + q * along
                     if i < inner:
                         y[o, c, i] = activation(values[q], relu)
+                i0 += along * LOADS
+            o += stride_o
 
 
 @cuda.jit(**KERNEL)
@@ -570,8 +574,10 @@ def backward_elementwise_planar(dy, x, y, mean, invstd, gamma, beta, dgamma, dbe
         dy_scale, x_scale, dx_shift = backward_coefficients(mean, invstd, gamma, dgamma, dbeta,
                                                             c, count, batch_stats)
         scale, shift = forward_affine(gamma, beta, c, float64(mean[c]), float64(invstd[c]))
-        for o in range(first_o, outer, stride_o):
-            for i0 in range(cuda.threadIdx.x, inner, along * LOADS):
+        o = first_o
+        while o < outer:  # while, not range: no division per row
+            i0 = cuda.threadIdx.x
+            while i0 < inner:
                 for q in range(LOADS):
                     i = i0 + q * along
                     if i < inner:
@@ -585,6 +591,8 @@ def backward_elementwise_planar(dy, x, y, mean, invstd, gamma, beta, dgamma, dbe
                         dx[o, c, i] = g_values[q] * dy_scale + x_values[q] * x_scale + dx_shift
                         if with_dresidual:
                             dresidual[o, c, i] = g_values[q]
+                i0 += along * LOADS
+            o += stride_o
 
 
 @cuda.jit(**KERNEL)
