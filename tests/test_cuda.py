@@ -17,6 +17,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import reference as ref
 from fastbn import backends
@@ -668,3 +670,38 @@ def test_importing_fastbn_does_not_import_numba_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- properties
+@st.composite
+def inputs(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=2, max_size=4)))
+    axis = draw(st.integers(-len(shape), len(shape) - 1))
+    dtype = draw(st.sampled_from(DTYPES))
+    assume(math.prod(shape) // shape[axis] > 1)  # batch statistics need two values
+    offset = draw(st.sampled_from([0.0, 3.0, 100.0]))
+    return shape, axis, dtype, offset, draw(st.booleans())
+
+
+@settings(max_examples=25, deadline=None)
+@given(inputs())
+def test_training_step_matches_the_reference_for_any_layout(case):
+    shape, axis, dtype, offset, relu = case
+    x = make(shape, dtype, offset=offset)
+    dy = make(shape, dtype, seed=4, offset=0.0, spread=1.0)
+    gamma, beta = params(shape[axis], dtype)
+    x3, dy3 = device3(x, axis), device3(dy, axis)
+    mean, var = cb.moments(x3)
+    y3, invstd = cb.normalize(x3, mean, var, gamma, beta, EPS, relu=relu)
+    exp_y = fused_reference(x, axis, gamma, beta, None, relu, dy)[0]
+    assert_close(host(y3, shape), exp_y, dtype, scale=2.0, what="y")
+    y_stored = host(y3, shape).astype(np.float64)
+    g = dy.astype(np.float64) * (y_stored > 0) if relu else dy.astype(np.float64)
+    exp_dx, exp_dgamma, exp_dbeta = ref.backward(g, x, gamma, EPS, axis)
+    dgamma, dbeta = cb.backward_reduce(dy3, x3, gamma, beta, mean, invstd, relu=relu)
+    dx3 = cb.backward_elementwise(dy3, x3, gamma, beta, mean, invstd, dgamma, dbeta,
+                                  x3.shape[0] * x3.shape[2], True, relu=relu)
+    scale = np.abs(dy).astype(np.float64).sum()
+    assert_close(host(dbeta), exp_dbeta, dtype, scale=scale, what="dbeta")
+    assert_close(host(dgamma), exp_dgamma, dtype, scale=scale, what="dgamma")
+    assert_close(host(dx3, shape), exp_dx, dtype, scale=2.0, what="dx")
