@@ -86,8 +86,24 @@ def versions() -> dict[str, str | None]:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "numba-cuda": _version("numba-cuda"),
+        "scipy": _version("scipy"),
+        "threadpoolctl": _version("threadpoolctl"),
         "torch": torch_version,
     }
+
+
+def thread_pools() -> list[dict] | str:
+    """The native thread pools loaded in this process (BLAS, OpenMP), as threadpoolctl reports
+    them: library, API, version, thread count, threading layer. A spinning BLAS pool beside
+    Numba's changes what a small benchmark measures, so a run records them. A string says why
+    they are unknown."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl is not installed (pip install threadpoolctl)"
+    keep = ("user_api", "internal_api", "prefix", "version", "num_threads", "threading_layer",
+            "architecture", "filepath")
+    return [{k: pool[k] for k in keep if k in pool} for pool in threadpool_info()]
 
 
 def threading_layer() -> str:
@@ -96,6 +112,14 @@ def threading_layer() -> str:
         return numba.threading_layer()
     except ValueError:
         return "not yet chosen"
+
+
+def gpu_l2_bytes() -> int | None:
+    """L2 cache size of the CUDA device the cuda rows run on (None without a real GPU)."""
+    if gpu_name() is None:
+        return None
+    from numba import cuda
+    return getattr(cuda.get_current_device(), "L2_CACHE_SIZE", None)
 
 
 def gpu_name() -> str | None:
@@ -131,4 +155,5 @@ def machine_info() -> dict:
         "torch_threads": torch_threads,
         "gpu": gpu_name(),
         "platform": platform.platform(),
+        "thread_pools": thread_pools(),
     }
