@@ -277,6 +277,16 @@ def test_sync_batchnorm_under_mpiexec(ranks, check):
         f"{job.stderr[-4000:]}")
 
 
+def test_sync_batchnorm_on_cuda_arrays_under_mpiexec():
+    """The cuda backend copies the per-feature vectors to the host around the collectives
+    (in Numba's simulator without a GPU: slow, so one check on 2 ranks)."""
+    if "cuda" not in fastbn.available_backends():
+        pytest.skip("the cuda backend cannot run here")
+    job = launch(MPI_SCRIPTS / "sync_checks.py", 2, "layer_cuda")
+    assert job.returncode == 0, job.stderr[-4000:]
+    assert "PASS layer_cuda ranks 0,1 of 2" in job.stdout.splitlines()
+
+
 @pytest.mark.xfail(strict=True, reason="BatchNorm.forward saves self.comm for the backward "
                    "whenever batch statistics are used, also in eval mode with "
                    "track_running_stats=False, so that backward allreduces although the "
