@@ -277,10 +277,6 @@ def test_sync_batchnorm_under_mpiexec(ranks, check):
         f"{job.stderr[-4000:]}")
 
 
-@pytest.mark.xfail(strict=True, reason="BatchNorm.forward saves self.comm for the backward "
-                   "whenever batch statistics are used, also in eval mode with "
-                   "track_running_stats=False, so that backward allreduces although the "
-                   "forward used this rank's statistics (fastbn/layers.py)")
 def test_eval_with_batch_statistics_communicates_nothing():
     job = launch(MPI_SCRIPTS / "sync_checks.py", 2, "eval_batch_stats_numpy")
     assert job.returncode == 0, job.stderr[-4000:]
