@@ -35,16 +35,19 @@ _loaded: dict[str, ModuleType] = {}
 
 def load(name: str) -> ModuleType:
     """Import and return the backend module ``name``, raising if it cannot run here."""
-    module = _loaded.get(name)
-    if module is not None:
-        return module
     _check_name(name, "the caller")
     module = importlib.import_module(_MODULES[name])
     problem = module.unavailable_reason()
     if problem:
         raise RuntimeError(f"backend {name!r} is not available: {problem}")
-    _loaded[name] = module  # availability does not change within a process
+    _loaded[name] = module
     return module
+
+
+def _cached(name: str) -> ModuleType:
+    # The per-call path: a backend that loaded once stays usable for the process.
+    module = _loaded.get(name)
+    return module if module is not None else load(name)
 
 
 def set_backend(name: str | None) -> None:
@@ -103,8 +106,8 @@ def resolve(*choices: str | None, like: Any = None) -> ModuleType:
             return module if module is not None else load(_check_name(choice,
                                                                        "the backend argument"))
     if _global_backend is not None:
-        return load(_global_backend)
+        return _cached(_global_backend)
     from_env = os.environ.get(ENV_VAR)
     if from_env:
-        return load(_check_name(from_env.strip().lower(), f"${ENV_VAR}"))
-    return load("cuda") if is_device_array(like) else load("cpu")
+        return _cached(_check_name(from_env.strip().lower(), f"${ENV_VAR}"))
+    return _cached("cuda") if is_device_array(like) else _cached("cpu")
