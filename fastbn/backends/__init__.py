@@ -13,6 +13,8 @@ import os
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 BACKEND_NAMES = ("numpy", "cpu", "cuda")
 ENV_VAR = "FASTBN_BACKEND"
 
@@ -42,6 +44,18 @@ def load(name: str) -> ModuleType:
         raise RuntimeError(f"backend {name!r} is not available: {problem}")
     _loaded[name] = module
     return module
+
+
+# os.environ.get costs about a microsecond (it encodes the key and decodes the value), as much
+# as a small kernel; CPython keeps the encoded mapping behind it, where a lookup is a dict get.
+_ENVIRON_BYTES = getattr(os.environ, "_data", None)
+_ENV_KEY = os.fsencode(ENV_VAR)
+
+
+def _environ_has_choice() -> bool:
+    if isinstance(_ENVIRON_BYTES, dict):
+        return bool(_ENVIRON_BYTES.get(_ENV_KEY))
+    return bool(os.environ.get(ENV_VAR))
 
 
 def _cached(name: str) -> ModuleType:
@@ -107,7 +121,8 @@ def resolve(*choices: str | None, like: Any = None) -> ModuleType:
                                                                        "the backend argument"))
     if _global_backend is not None:
         return _cached(_global_backend)
-    from_env = os.environ.get(ENV_VAR)
-    if from_env:
-        return _cached(_check_name(from_env.strip().lower(), f"${ENV_VAR}"))
-    return _cached("cuda") if is_device_array(like) else _cached("cpu")
+    if _environ_has_choice():
+        return _cached(get_backend())
+    if type(like) is not np.ndarray and is_device_array(like):
+        return _cached("cuda")
+    return _cached("cpu")
