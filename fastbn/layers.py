@@ -203,7 +203,7 @@ class BatchNorm:
         # With a residual the ReLU's mask cannot be recomputed from x: keep y for it.
         self._saved = (inp, mean, invstd, batch_stats, count,
                        y3 if (relu and residual is not None) else None, residual is not None,
-                       self.comm if batch_stats else None)
+                       self.comm if self.training else None)
         return inp.restore(y3)
 
     __call__ = forward
