@@ -633,6 +633,18 @@ def test_non_contiguous_device_input_is_copied_with_a_warning():
     np.testing.assert_array_equal(host(x3, nchw.shape), nchw)
 
 
+@pytest.mark.parametrize("target", [np.float16, np.float32, np.float64])
+def test_astype_converts_on_the_device_rounding_once(target):
+    x = make((3, 4, 2), np.float64)
+    got = cb.astype(cuda.to_device(x), target)
+    assert got.dtype == target and got.shape == x.shape
+    np.testing.assert_array_equal(host(got), x.astype(target))
+    same = cuda.to_device(x.astype(target))
+    assert cb.astype(same, target) is same
+    strided = cb.astype(cuda.to_device(x).transpose((2, 0, 1))[::2], target)
+    np.testing.assert_array_equal(host(strided), x.transpose((2, 0, 1))[::2].astype(target))
+
+
 def test_device_views_that_do_not_merge_into_three_axes_raise():
     x = cuda.to_device(make((4, 6, 5), np.float32))[:, ::2, :].transpose((2, 0, 1))
     with warnings.catch_warnings():

@@ -61,7 +61,9 @@ COMPILE_EVERY_KERNEL = textwrap.dedent("""
         table["merge_gradient_partials"] = [(p64, i64, v64, s64)]
         table["update_running_stats"] = [(vt, vt, v64, v64, f64, f64, f64, f64,
                                           arr(types.int32, 1))]
-        table["contiguous_copy"] = [(arr(t, 3, "A"), arr(t, 3))]
+        table["contiguous_copy"] = [(arr(t, 3, "A"), arr(t, 3)),  # copies and casts
+                                    (arr(t, 3, "A"), arr(types.float32, 3)),
+                                    (arr(f64, 3, "A"), arr(t, 3))]
         return table
 
     ARITHMETIC = re.compile(r"\\b(?:add|sub|mul|fma|div|neg|abs|min|max|sqrt|rcp)"

@@ -378,6 +378,27 @@ def empty(shape3: tuple[int, int, int], dtype: Any) -> Any:
     return _allocate(shape3, dtype, _stream_of(None), like=None)
 
 
+def astype(a: Any, dtype: Any) -> Any:
+    """``a`` (any shape) converted to ``dtype`` on the device, rounded once: ``a`` itself
+    where it already has ``dtype``. Host arrays are copied to the device first."""
+    a = _import(_detached(a)) if is_device_array(a) else asarray(a, "array")
+    dtype = np.dtype(dtype)
+    if a.dtype == dtype:
+        return a
+    flat = (1, 1, a.size)
+    source = _reshape(a, flat) if a.is_c_contiguous() else _strided_view(a, flat)
+    if source is None:
+        raise ValueError(f"the cuda backend cannot convert a device array of shape "
+                         f"{tuple(a.shape)} and strides {tuple(a.strides)}; pass a contiguous "
+                         "copy")
+    with _call(a) as stream:
+        out = _allocate(tuple(a.shape), dtype, stream, like=a)
+        if a.size:
+            _launch(k.contiguous_copy, _blocks(a.size), THREADS_PER_BLOCK, stream, source,
+                    _reshape(out, flat))
+    return out
+
+
 def _allocate(shape, dtype, stream, like) -> Any:
     """A new device array on ``stream``, from ``like``'s framework's caching allocator where
     ``like`` is memory of torch or CuPy (Numba's allocator otherwise)."""

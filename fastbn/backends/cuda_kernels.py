@@ -16,7 +16,7 @@ kernel (or device function)             pass      job
 ``backward_coefficients`` (device)      per-C     dy_scale, x_scale, dx_shift
 ``backward_elementwise_planar``         backward  dx = g*dy_scale + x*x_scale + dx_shift
 ``backward_elementwise_channels_last``  backward  the same for ``(rows, C)``
-``contiguous_copy``                     input     strided 3-D view -> C-contiguous copy
+``contiguous_copy``                     input     strided 3-D view -> contiguous copy/cast
 ======================================  ========  ==========================================
 
 Layouts of the canonical ``(outer, C, inner)`` view:
@@ -631,7 +631,8 @@ def backward_elementwise_channels_last(dy, x, y, mean, invstd, gamma, beta, dgam
 # ----------------------------------------------------------------------------- input copies
 @cuda.jit(**KERNEL)
 def contiguous_copy(source, target):
-    """``target[...] = source`` for a strided 3-D ``source`` and a C-contiguous ``target``."""
+    """``target[...] = source`` for a strided 3-D ``source`` and a C-contiguous ``target``
+    (of the same or another dtype: ``cuda.astype``)."""
     outer, features, inner = source.shape
     for j in range(cuda.grid(1), outer * features * inner, cuda.gridsize(1)):
         row = j // inner
