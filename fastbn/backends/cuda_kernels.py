@@ -63,12 +63,21 @@ from __future__ import annotations
 
 from numba import cuda, float64
 
+try:  # numba-cuda >= 0.2x keeps its own copy of the config
+    from numba.cuda.core import config
+except ImportError:
+    from numba.core import config
+
 from . import feature_math
 
 LOADS = 8  # values a thread loads before it combines them (and a statistics chunk)
 # Kernels are cached on disk, like cpu_kernels, so a new process skips the NVVM compile of each
 # signature it has seen before (the cache is keyed by compute capability).
 KERNEL = dict(cache=True)
+# ptxas gives scale_shift_planar 164 registers a thread (float32, sm_90): one 256-thread block
+# per SM. Capped at 128 it needs 120 and spills nothing, so two blocks fit. (The backward
+# elementwise kernels spill at that cap, so they keep theirs.) Not a simulator option.
+CAPPED_KERNEL = KERNEL if config.ENABLE_CUDASIM else dict(KERNEL, max_registers=128)
 
 # ----------------------------------------------------------------------------- shared math
 device = cuda.jit(device=True)
@@ -366,7 +375,7 @@ def activation(v, relu):
 # arithmetic is free on data-centre GPUs; each element is loaded in its dtype and rounded once
 # at the store. Every group is loaded completely before any of it is stored, so y may be x or
 # the residual itself.
-@cuda.jit(**KERNEL)
+@cuda.jit(**CAPPED_KERNEL)
 def scale_shift_planar(x, mean, var, gamma, beta, eps, residual, relu, y, invstd):
     """``y = act(x*scale + shift + residual)``; ``invstd[c]`` written by the feature's first
     block. An empty residual means none."""
