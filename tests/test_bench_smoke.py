@@ -257,6 +257,7 @@ def test_no_row_slower_than_pytorch():
     assert target.evaluate(rows[:1])["status"] == "PASS"
     skipped = target.evaluate([_row("cpu", "backward", (32, 16), {"numpy": 3.0})])
     assert skipped["status"] == "SKIP" and skipped["detail"] == NO_TORCH
+    assert target.evaluate([])["detail"] == "the pass section did not run"
 
 
 def test_dram_roofline_targets_ignore_cache_resident_rows():
