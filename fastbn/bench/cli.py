@@ -113,6 +113,7 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
                                             else FULL_MIN_SAMPLE_S)
     with_compile_time = (not args.quick) if args.compile_time is None else args.compile_time
     created = dt.datetime.now(dt.timezone.utc)
+    load_at_start = machine.load_average()
 
     plan: dict[str, tuple[list, list[str], list[str], measure.Timer]] = {}
     section_dtypes = {"pass": dtypes, "layer": dtypes, "fused": fused_dtypes}
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
                            machine.gpu_l2_bytes() if gpu_measured else None)
     # machine info last: the thread pools (OpenMP, torch's) are loaded by now
     results["machine"] = machine.machine_info()
+    results["load_average"] = {"start": load_at_start, "end": machine.load_average()}
     results["versions"] = machine.versions()
     results["rows"] = [r.to_dict() for r in rows]
     results["failures"] = failures
