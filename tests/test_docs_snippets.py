@@ -28,6 +28,8 @@ DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # must go (the test then XPASSes and fails) as soon as the document runs.
 NOT_YET_RUNNING = {
     "docs/cuda.md": "docs/cuda.md's blocks use fastbn without importing it",
+    "docs/distributed.md": "docs/distributed.md's first block uses x_shard, which no block "
+                           "defines (an MPI block: run under mpiexec, or mark it not-run)",
 }
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)$")
 SKIP_MARKER = re.compile(r"^#\s*not-run:\s*(?P<reason>\S.*)$")

@@ -102,8 +102,9 @@ def parse_case(text: str) -> Case:
 class Inputs:
     """Host (NumPy) inputs of one case and dtype, plus per-implementation converted copies.
 
-    ``x`` and ``dy`` have the case's shape and dtype; the per-feature arrays have the dtype
-    too, except ``mean``/``invstd`` (float64 batch statistics, as the backward takes them).
+    ``x`` and ``dy`` have the case's shape and dtype; the per-feature arrays have
+    :func:`parameter_dtype` (the input's, float32 for float16 input), except ``mean``/``invstd``
+    (float64 batch statistics, as the backward takes them).
     ``converted`` caches what an implementation made of them (device copies, tensors).
     """
 
@@ -140,6 +141,13 @@ def _standard_normal(rng: np.random.Generator, shape: tuple[int, ...],
     return rng.standard_normal(shape, dtype=draw_dtype).astype(dtype, copy=False)
 
 
+def parameter_dtype(dtype: np.dtype) -> np.dtype:
+    """Dtype of gamma, beta and the running statistics for inputs of ``dtype``: the input's,
+    except float16, whose parameters are float32 (fastbn keeps parameters and running
+    statistics in float32 or float64, as mixed-precision training does)."""
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
 def make_inputs(case: Case, dtype: str | np.dtype, seed: int = 0) -> Inputs:
     """Random inputs for ``case`` (features with distinct means and scales, like activations)."""
     dtype = np.dtype(dtype)
@@ -147,17 +155,18 @@ def make_inputs(case: Case, dtype: str | np.dtype, seed: int = 0) -> Inputs:
     features = case.num_features
     feature_shape = [1] * len(case.shape)
     feature_shape[case.axis] = features
+    params = parameter_dtype(dtype)
     x = _standard_normal(rng, case.shape, dtype)
     x *= rng.uniform(0.5, 2.0, features).astype(dtype).reshape(feature_shape)
     x += rng.uniform(-1.0, 1.0, features).astype(dtype).reshape(feature_shape)
     dy = _standard_normal(rng, case.shape, dtype)
-    gamma = rng.uniform(0.5, 1.5, features).astype(dtype)
-    beta = rng.uniform(-0.5, 0.5, features).astype(dtype)
+    gamma = rng.uniform(0.5, 1.5, features).astype(params)
+    beta = rng.uniform(-0.5, 0.5, features).astype(params)
     reduced = tuple(a for a in range(x.ndim) if a != case.axis % x.ndim)
     mean = x.mean(axis=reduced, dtype=np.float64)
     var = x.var(axis=reduced, dtype=np.float64)
     invstd = 1.0 / np.sqrt(var + EPS)
     # running statistics for eval: near the batch's own, as after some training
-    running_mean, running_var = mean.astype(dtype), (var + 1.0).astype(dtype)
+    running_mean, running_var = mean.astype(params), (var + 1.0).astype(params)
     return Inputs(case, dtype, x, dy, gamma, beta, running_mean, running_var,
                   mean, invstd)

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="layer section shapes (default: "
                              + ", ".join("x".join(map(str, c.shape)) for c in LAYER_CASES) + ")")
     parser.add_argument("--dtypes", nargs="+", choices=ALL_DTYPES,
-                        help="default float32 float64 (float32 with --quick)")
+                        help="default float32 float64, and float16 in the fused section "
+                             "(float32 with --quick)")
     parser.add_argument("--backends", nargs="+", choices=registry.IMPLEMENTATION_ORDER,
                         metavar="IMPL", help="pass-section implementations: "
                         + " ".join(registry.IMPLEMENTATION_ORDER) + " (default: all; "
@@ -104,14 +105,18 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
                    else list(LAYER_CASES))
     fused_cases = cases if args.shapes else list(fused.DEFAULT_CASES)
     dtypes = args.dtypes or (["float32"] if args.quick else list(DTYPES))
+    # issue 13 asks for float16 rows of the fused passes (half the bytes)
+    fused_dtypes = args.dtypes or (["float32"] if args.quick else list(fused.DTYPES))
     passes = args.passes or list(PASSES)
     repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
     min_sample_s = args.min_sample_time or (QUICK_MIN_SAMPLE_S if args.quick
                                             else FULL_MIN_SAMPLE_S)
     with_compile_time = (not args.quick) if args.compile_time is None else args.compile_time
     created = dt.datetime.now(dt.timezone.utc)
+    load_at_start = machine.load_average()
 
     plan: dict[str, tuple[list, list[str], list[str], measure.Timer]] = {}
+    section_dtypes = {"pass": dtypes, "layer": dtypes, "fused": fused_dtypes}
     skipped: list[dict] = []
     sequential = measure.sequential_timer(repeats, min_sample_s)
     requested = {"pass": args.backends, "layer": None, "fused": None}
@@ -145,6 +150,7 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
         "settings": {"sections": list(plan), "cases": [c.name for c in cases],
                      "layer_cases": [c.name for c in layer_cases],
                      "fused_cases": [c.name for c in fused_cases], "dtypes": dtypes,
+                     "fused_dtypes": fused_dtypes,
                      "passes": passes, "repeats": repeats, "min_sample_s": min_sample_s,
                      "warmup_calls": 1, "layer_calls": args.layer_calls,
                      "layer_rounds": LAYER_ROUNDS, "statistic": "median",
@@ -154,10 +160,11 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
     rows: list[Row] = []
     failures: list[dict] = []
     for name, (section_cases_, impls, ops, timer) in plan.items():
-        _say(f"== section {name}: {len(section_cases_)} shapes x {len(dtypes)} dtypes", progress)
+        _say(f"== section {name}: {len(section_cases_)} shapes x {len(section_dtypes[name])} "
+             "dtypes", progress)
         section_rows, section_failures = measure.run_section(
-            SECTIONS[name], section_cases_, dtypes, impls, ops, timer, schedule, cache_bytes,
-            progress)
+            SECTIONS[name], section_cases_, section_dtypes[name], impls, ops, timer, schedule,
+            cache_bytes, progress)
         rows += section_rows
         failures += section_failures
     host_by_group = schedule.finish()
@@ -176,6 +183,7 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
                            machine.gpu_l2_bytes() if gpu_measured else None)
     # machine info last: the thread pools (OpenMP, torch's) are loaded by now
     results["machine"] = machine.machine_info()
+    results["load_average"] = {"start": load_at_start, "end": machine.load_average()}
     results["versions"] = machine.versions()
     results["rows"] = [r.to_dict() for r in rows]
     results["failures"] = failures

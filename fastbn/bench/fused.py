@@ -34,6 +34,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "torch": ("PyTorch", "relu(F.batch_norm(x) [+ z]) with autograd, Numba's thread count"),
 }
 CANDIDATE = "fused"
+DTYPES: tuple[str, ...] = ("float16", "float32", "float64")
 DEFAULT_CASES: tuple[Case, ...] = (CASES["nchw-256x64x56x56"], CASES["nhwc-256x56x56x64"],
                                    CASES["nchw-64x256x14x14"])
 

@@ -46,7 +46,7 @@ def unavailable_reason(implementation: str) -> str | None:
 def _fastbn_layer(inputs: Inputs, training: bool) -> Any:
     layer_class = fastbn.BatchNorm1d if inputs.x.ndim == 2 else fastbn.BatchNorm2d
     bn = layer_class(inputs.case.num_features, eps=EPS, momentum=MOMENTUM,
-                     dtype=inputs.dtype, backend="cpu")
+                     dtype=inputs.gamma.dtype, backend="cpu")
     bn.params["gamma"][...] = inputs.gamma
     bn.params["beta"][...] = inputs.beta
     bn.running_mean[...] = inputs.running_mean
@@ -86,7 +86,7 @@ def _torch_layer(inputs: Inputs, training: bool) -> Any:
     torch.set_num_threads(torch_threads())
     layer_class = torch.nn.BatchNorm1d if inputs.x.ndim == 2 else torch.nn.BatchNorm2d
     bn = layer_class(inputs.case.num_features, eps=EPS, momentum=MOMENTUM,
-                     dtype=getattr(torch, inputs.dtype.name))
+                     dtype=getattr(torch, inputs.gamma.dtype.name))
     with torch.no_grad():
         for tensor, value in ((bn.weight, inputs.gamma), (bn.bias, inputs.beta),
                               (bn.running_mean, inputs.running_mean),

@@ -66,6 +66,16 @@ def memory_bytes() -> int | None:
         return None
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none). On a shared machine
+    they say whether other work competed with the run: a pool of 2 threads on 2 cores waits
+    for a time slice whenever one of its threads is descheduled."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -122,6 +132,15 @@ def gpu_l2_bytes() -> int | None:
     return getattr(cuda.get_current_device(), "L2_CACHE_SIZE", None)
 
 
+def gpu_driver_version() -> str | None:
+    """The CUDA driver's version ("12.4") when the cuda rows run on a real GPU."""
+    if gpu_name() is None:
+        return None
+    from numba import cuda
+    major, minor = cuda.cudadrv.driver.driver.get_version()
+    return f"{major}.{minor}"
+
+
 def gpu_name() -> str | None:
     """Name of the CUDA device the cuda rows run on, when there is a real one."""
     from .registry import unavailable_reason
@@ -154,6 +173,7 @@ def machine_info() -> dict:
         "numba_threading_layer": threading_layer(),
         "torch_threads": torch_threads,
         "gpu": gpu_name(),
+        "gpu_driver": gpu_driver_version(),
         "platform": platform.platform(),
         "thread_pools": thread_pools(),
     }

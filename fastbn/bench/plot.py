@@ -2,8 +2,9 @@
 
 Cache-resident rows and rows streamed from memory are plotted apart: per dtype, one row of
 panels (one per pass) with the % of the memory roofline of the rows whose arrays do not fit
-in the cache, and one with the speedup over PyTorch, on a log axis, of the cache-resident rows
-(their % of the DRAM roofline is not comparable and would dominate the scale).
+in twice the cache ("mixed" and "dram"), and one with the speedup over PyTorch, on a log axis,
+of the cache-resident rows (their % of the DRAM roofline is not comparable and would dominate
+the scale).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def write_plot(results: dict, rows: list[Row], path: Path) -> bool:
                 group = [r for r in rows if r.dtype == dtype and r.operation == operation
                          and (r.memory == "cache") == in_cache]
                 cases = list(dict.fromkeys(r.case for r in group))
-                for k, impl in enumerate(impls):
+                # the cache panel shows speedups over PyTorch: PyTorch itself has no bar
+                shown = [i for i in impls if metric == "roofline" or any(
+                    r.implementation == i and "torch" in r.speedups for r in group)]
+                for k, impl in enumerate(shown):
                     heights = []
                     for case in cases:
                         row = next((r for r in group if (r.implementation, r.case)
@@ -52,14 +56,14 @@ def write_plot(results: dict, rows: list[Row], path: Path) -> bool:
                             else getattr(row.speedups.get("torch"), "value", None))
                         heights.append(value or 0.0)
                     if cases and any(heights):
-                        ax.bar([c + (k - (len(impls) - 1) / 2) * width
+                        ax.bar([c + (k - (len(shown) - 1) / 2) * width
                                 for c in range(len(cases))], heights, width, label=impl)
                 labels = [next(r.label for r in group if r.case == c) for c in cases]
                 ax.set_xticks(range(len(cases)))
                 ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
                 if metric == "roofline":
                     ax.axhline(100.0, color="black", linewidth=0.8, linestyle="--")
-                    ax.set_title(f"{operation}, {dtype}: streamed from memory", fontsize=9)
+                    ax.set_title(f"{operation}, {dtype}: not cache-resident", fontsize=9)
                     ax.set_ylabel("% of memory roofline" if j == 0 else "")
                 else:
                     if any(r.speedups.get("torch") for r in group):
@@ -68,6 +72,7 @@ def write_plot(results: dict, rows: list[Row], path: Path) -> bool:
                     ax.set_title(f"{operation}, {dtype}: cache-resident", fontsize=9)
                     ax.set_ylabel("speedup over PyTorch (log)" if j == 0 else "")
                 if not cases:
+                    ax.set_yticks([])
                     ax.text(0.5, 0.5, "no such rows", ha="center", va="center",
                             transform=ax.transAxes, fontsize=8)
     m, b = results["machine"], results["bandwidth"]

@@ -92,6 +92,10 @@ def format_header(results: dict) -> str:
         f"versions  Python {v['python']}, fastbn {v['fastbn']}, NumPy {v['numpy']}, "
         f"Numba {v['numba']}, SciPy {v.get('scipy')}, {torch_text}",
     ]
+    load = results.get("load_average")
+    if load and load.get("start") and load.get("end"):
+        lines.append(f"load      1-minute load average {load['start'][0]:g} at the start, "
+                     f"{load['end'][0]:g} at the end ({m['usable_cpus']} cores)")
     if b:
         lines.append(f"bandwidth read {b['read_gb_s']:.1f} GB/s, read+write "
                      f"{b['read_write_gb_s']:.1f} GB/s over {b['array_bytes'] / 2**20:.0f} MiB, "
@@ -157,7 +161,16 @@ def _machine_sentence(results: dict) -> str:
             f"Numba {m['numba_threads']} threads, {m['numba_threading_layer']} layer"
             + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"); Python {v['python']}, "
             f"fastbn {v['fastbn']}, NumPy {v['numpy']}, Numba {v['numba']}{torch_text}; "
-            f"thread pools: {_pools_text(m.get('thread_pools', []))}.")
+            f"thread pools: {_pools_text(m.get('thread_pools', []))}" + _load_text(results)
+            + ".")
+
+
+def _load_text(results: dict) -> str:
+    load = results.get("load_average") or {}
+    if not (load.get("start") and load.get("end")):
+        return ""
+    return (f"; 1-minute load average {load['start'][0]:g} at the start, {load['end'][0]:g} "
+            "at the end")
 
 
 def pass_markdown(results: dict, rows: list[Row]) -> str:

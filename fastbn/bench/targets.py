@@ -33,7 +33,7 @@ class Target:
     shapes: tuple[tuple[int, ...], ...] = ()
     dtypes: tuple[str, ...] = ()
     memory: str | None = None
-    skip_reason: str = "the run measured no such row"
+    skip_reason: str = "the run measured none of these rows (shape, dtype or pass not run)"
 
     def selects(self, row: Row) -> bool:
         return (row.section == self.section
@@ -42,6 +42,14 @@ class Target:
                 and (not self.shapes or tuple(row.shape) in self.shapes)
                 and (not self.dtypes or row.dtype in self.dtypes)
                 and (self.memory is None or row.memory == self.memory))
+
+    def _why_none(self, rows: list[Row]) -> str:
+        section_rows = [r for r in rows if r.section == self.section]
+        if not section_rows:
+            return f"the {self.section} section did not run"
+        if self.metric == "torch" and not any("torch" in r.speedups for r in section_rows):
+            return NO_TORCH
+        return self.skip_reason
 
     def value_of(self, row: Row) -> float | None:
         if self.metric == "roofline":
@@ -55,7 +63,7 @@ class Target:
         verdict = {"target": self.description, "metric": self.metric,
                    "threshold": self.threshold, "rows": len(measured)}
         if not measured:
-            return {**verdict, "status": "SKIP", "value": None, "detail": self.skip_reason}
+            return {**verdict, "status": "SKIP", "value": None, "detail": self._why_none(rows)}
         worst_row, worst = min(measured, key=lambda rv: rv[1])
         misses = [f"{r.implementation} {r.operation} {r.label} {r.dtype} {_value_text(self, v)}"
                   for r, v in measured if v < self.threshold]
@@ -72,7 +80,8 @@ def _value_text(target: Target, value: float) -> str:
     return f"{value:.0f} %" if target.metric == "roofline" else f"{value:.2f}x"
 
 
-NO_TORCH = "PyTorch was not measured (not installed, or not requested): pip install 'fastbn[torch]'"
+NO_TORCH = ("PyTorch was not measured (not installed, or not requested): "
+            "pip install 'fastbn[torch]'")
 SMALL_BATCH = ((64, 128), (32, 16, 8, 8), (16, 64, 16, 16))
 LARGER_BATCH = ((256, 512), (256, 1024))
 DRAM_ROOFLINE = {"forward-train": 85.0, "backward": 80.0, "forward-eval": 85.0, "moments": 85.0}
@@ -80,7 +89,7 @@ DRAM_ROOFLINE = {"forward-train": 85.0, "backward": 80.0, "forward-eval": 85.0, 
 TARGETS: tuple[Target, ...] = (
     # issue 10: no row slower than PyTorch; DRAM-sized passes close to the roofline
     Target("every fastbn row at least as fast as PyTorch on the same device", "pass", "torch",
-           1.0, implementations=_FASTBN_PASS_ROWS, skip_reason=NO_TORCH),
+           1.0, implementations=_FASTBN_PASS_ROWS),
     *(Target(f"cpu {op} on DRAM-sized tensors >= {pct:g} % of roofline", "pass", "roofline",
              pct, implementations=("cpu", "cpu-out"), operations=(op,), memory="dram",
              skip_reason="no DRAM-sized row measured (working set >= 8x the last-level cache)")
@@ -95,18 +104,17 @@ TARGETS: tuple[Target, ...] = (
            ((8192, 1024), (64, 56, 56, 64)), ("float32",)),
     # issue 9: the layer at small training shapes
     Target("layer train step >= 3x PyTorch at 64x128, 32x16x8x8, 16x64x16x16", "layer", "torch",
-           3.0, ("fastbn",), ("train-step",), SMALL_BATCH, skip_reason=NO_TORCH),
+           3.0, ("fastbn",), ("train-step",), SMALL_BATCH),
     Target("layer train step >= 2x PyTorch at 256x512, 256x1024", "layer", "torch", 2.0,
-           ("fastbn",), ("train-step",), LARGER_BATCH, skip_reason=NO_TORCH),
+           ("fastbn",), ("train-step",), LARGER_BATCH),
     Target("layer train step >= 4x the CS231n-style NumPy layer", "layer", "numpy-layer", 4.0,
            ("fastbn",), ("train-step",)),
     Target("layer eval forward >= 1.5x PyTorch eval", "layer", "torch", 1.5, ("fastbn",),
-           ("eval-forward",), skip_reason=NO_TORCH),
+           ("eval-forward",)),
     Target("functional batch_norm (eval) >= 1.5x F.batch_norm", "layer", "torch", 1.5,
-           ("fastbn",), ("functional-eval",), skip_reason=NO_TORCH),
+           ("fastbn",), ("functional-eval",)),
     # issue 13: fused passes
-    Target("fused BN+ReLU(+add) >= 1.3x fastbn then NumPy", "fused", "unfused", 1.3, ("fused",),
-           skip_reason="the fused section did not run (see the skipped notes)"),
+    Target("fused BN+ReLU(+add) >= 1.3x fastbn then NumPy", "fused", "unfused", 1.3, ("fused",)),
     Target("fused passes on DRAM-sized tensors >= 85 % of the fused roofline", "fused",
            "roofline", 85.0, ("fused",), memory="dram",
            skip_reason="no DRAM-sized fused row measured"),
