@@ -150,7 +150,8 @@ class BatchNorm:
                 current[...] = load("cuda").to_host(value)
         elif hasattr(current, "copy_to_device"):  # a Numba device array (backend "cuda")
             if is_device_array(value) and value.dtype == current.dtype:
-                current.copy_to_device(value)
+                # On the stream the value was computed on, so the copy stays in order with it.
+                current.copy_to_device(value, stream=getattr(value, "stream", 0))
             else:
                 host = value if isinstance(value, np.ndarray) else load("cuda").to_host(value)
                 current.copy_to_device(np.ascontiguousarray(host, dtype=current.dtype))

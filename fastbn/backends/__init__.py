@@ -108,7 +108,12 @@ def available_backends() -> list[str]:
 def is_device_array(x: Any) -> bool:
     """Whether ``x`` lives in GPU memory (``__cuda_array_interface__``: CuPy, PyTorch CUDA
     tensors, Numba device arrays; ``__cuda_ndarray__``: the CUDA simulator's arrays)."""
-    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
+    if getattr(x, "__cuda_ndarray__", False):
+        return True
+    try:
+        return hasattr(x, "__cuda_array_interface__")
+    except RuntimeError:  # torch refuses the interface of a CUDA tensor that requires grad
+        return True
 
 
 def resolve(*choices: str | None, like: Any = None) -> ModuleType:
