@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from fastbn.bench import machine, registry
-from fastbn.bench.roofline import PASSES, measure_gpu_bandwidth
+from fastbn.bench import cases, machine
+from fastbn.bench.roofline import (PASSES, BandwidthSchedule, measure_gpu_bandwidth,
+                                   roofline_percent)
 
 
 def pytest_addoption(parser):
@@ -17,22 +18,48 @@ def pytest_addoption(parser):
     group.addoption("--bench-shapes", nargs="+", default=None, metavar="SHAPE",
                     help="case names or shapes like 128x64x28x28 or 32x28x28x64:-1 "
                          "(default: the standard cases)")
-    group.addoption("--bench-dtypes", nargs="+", default=None, choices=registry.DTYPES)
+    group.addoption("--bench-dtypes", nargs="+", default=None, choices=cases.ALL_DTYPES)
     group.addoption("--bench-passes", nargs="+", default=None, choices=PASSES)
     group.addoption("--bench-bandwidth-mib", type=int, default=None,
                     help="stream array size of the bandwidth measurement (roofline denominator)")
 
 
+class RooflineLedger:
+    """The report's bandwidth rule (:class:`BandwidthSchedule`) applied to the suite: each
+    benchmark enters its (shape, dtype, pass) group before timing, and once the session ends
+    (one more probe) its ``extra_info`` gets the denominator of the probes around its group."""
+
+    def __init__(self, array_bytes: int | None) -> None:
+        self.schedule = BandwidthSchedule(array_bytes)
+        self.pending: list[tuple[int, dict, float | None]] = []
+
+    def enter(self, key: object) -> int:
+        return self.schedule.enter(key)
+
+    def record(self, group: int, extra_info: dict, median_s: float | None) -> None:
+        self.pending.append((group, extra_info, median_s))
+
+    def close(self) -> None:
+        denominators = self.schedule.finish()
+        for group, extra_info, median_s in self.pending:
+            bandwidth = denominators[group]
+            extra_info["roofline_gb_s"] = bandwidth.roofline_gb_s
+            if median_s is not None:
+                extra_info["roofline_percent"] = roofline_percent(
+                    extra_info["bytes"], median_s, bandwidth.roofline_gb_s)
+
+
 @pytest.fixture(scope="session")
-def bandwidth_bytes(request) -> int | None:
-    """Stream array size of the bandwidth measurements (None: the default, 8x the L3)."""
+def roofline_ledger(request):
     mib = request.config.getoption("--bench-bandwidth-mib")
-    return mib * 2**20 if mib else None
+    ledger = RooflineLedger(mib * 2**20 if mib else None)
+    yield ledger
+    ledger.close()
 
 
 @pytest.fixture(scope="session")
 def gpu_bandwidth():
-    """Device-memory bandwidth, the cuda rows' roofline (measured only when they run)."""
+    """Device-memory bandwidth (copy kernel), the GPU rows' roofline (only when they run)."""
     return measure_gpu_bandwidth()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Protocol
 
 import numpy as np
+from scipy.special import logsumexp, softmax
 
 
 class Layer(Protocol):
@@ -109,12 +110,12 @@ class Sequential:
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of integer ``labels`` (N,) under ``softmax(logits)`` (N, K), and its
-    gradient with respect to the logits. Shifted by the row maximum so exp cannot overflow."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    gradient with respect to the logits, ``softmax(logits) - onehot(labels)``. SciPy's
+    ``logsumexp`` and ``softmax`` shift by the row maximum, so exp cannot overflow."""
+    log_probs = logits - logsumexp(logits, axis=1, keepdims=True)
     n = logits.shape[0]
     loss = -float(log_probs[np.arange(n), labels].mean())
-    dlogits = np.exp(log_probs)
+    dlogits = softmax(logits, axis=1)
     dlogits[np.arange(n), labels] -= 1.0
     return loss, (dlogits / n).astype(logits.dtype, copy=False)
 

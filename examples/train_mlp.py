@@ -134,7 +134,9 @@ def fold_for_inference(model: Sequential) -> Sequential:
         layer = layers[i]
         following = layers[i + 1] if i + 1 < len(layers) else None
         if isinstance(layer, Linear) and isinstance(following, fastbn.BatchNorm):
-            W, b = fastbn.fold_linear(layer.params["W"], layer.params.get("b"), following)
+            # W is (in, out) here (x @ W); a square W is ambiguous, so say it
+            W, b = fastbn.fold_linear(layer.params["W"], layer.params.get("b"), following,
+                                      layout="in_out")
             merged = Linear(W.shape[0], W.shape[1], np.random.default_rng(0), dtype=W.dtype)
             merged.params["W"][...] = W
             merged.params["b"][...] = b
@@ -196,7 +198,7 @@ def plot(sweep: list[RunResult], placement: list[RunResult], path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     for ax, opt in zip(axes[0], ("sgd", "adam")):
         lrs = sorted({r.lr for r in sweep if r.optimizer == opt})
         colors = plt.cm.viridis(np.linspace(0, 0.85, len(lrs)))
@@ -229,10 +231,12 @@ def plot(sweep: list[RunResult], placement: list[RunResult], path: Path) -> None
         ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, style,
                 label=f"{r.optimizer} lr={r.lr:g} BN {r.bn} ReLU")
     ax.set(yscale="log", xlabel="epoch", ylabel="training loss",
-           title="BN before (Linear-BN-ReLU) vs after (Linear-ReLU-BN) the activation")
+           title="BN before (Linear-BN-ReLU) vs after\n(Linear-ReLU-BN) the activation")
     ax.legend(fontsize=8)
     fig.suptitle(f"NumPy MLP {HIDDEN} on sklearn digits, batch {BATCH_SIZE}, fastbn.BatchNorm1d")
-    fig.tight_layout()
+    # the rect keeps room for the suptitle: plain tight_layout lets the panels' titles
+    # overlap it and clips it at the top edge
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -69,9 +69,12 @@ def _fold(W: Any, b: Any, bn: BatchNorm, out_axis: int, what: str) -> tuple[np.n
     return W_folded, b_folded
 
 
-def _output_axis(shape: tuple[int, ...], candidates: tuple[int, ...], num_features: int,
+def _output_axis(shape: tuple[int, ...], candidates: tuple[int, ...], bn: BatchNorm,
                  what: str, keyword: str) -> int:
-    """The one axis among ``candidates`` with ``num_features`` entries, or a clear error."""
+    """The one axis among ``candidates`` with ``bn.num_features`` entries, or a clear error."""
+    if not isinstance(bn, BatchNorm):
+        raise TypeError(f"bn must be a fastbn BatchNorm layer, got {type(bn).__name__}")
+    num_features = bn.num_features
     matching = sorted({a % len(shape) for a in candidates if shape[a] == num_features})
     if len(matching) == 1:
         return matching[0]
@@ -121,7 +124,7 @@ def fold_linear(W: Any, b: Any, bn: BatchNorm,
     if W_array.ndim != 2:
         raise ValueError(f"a linear weight must be 2-D, got shape {W_array.shape}")
     if layout is None:
-        out_axis = _output_axis(W_array.shape, (1, 0), bn.num_features, "the linear layer's",
+        out_axis = _output_axis(W_array.shape, (1, 0), bn, "the linear layer's",
                                 "layout='in_out' (x @ W) or layout='out_in' (W @ x)")
     else:
         out_axis = 1 if layout == "in_out" else 0
@@ -164,6 +167,6 @@ def fold_conv(W: Any, b: Any, bn: BatchNorm, out_axis: int | None = None
         W_array = _checks.host_input_array(W, "W")
         if W_array.ndim < 2:
             raise ValueError(f"W must have at least 2 dimensions, got shape {W_array.shape}")
-        out_axis = _output_axis(W_array.shape, (0, -1), bn.num_features, "the convolution's",
+        out_axis = _output_axis(W_array.shape, (0, -1), bn, "the convolution's",
                                 "out_axis=0 (OIHW) or out_axis=-1 (HWIO)")
     return _fold(W, b, bn, out_axis=out_axis, what="the convolution")

@@ -51,10 +51,10 @@ def test_fold_linear_matches_pair(dtype, with_bias, affine, layout):
 
 def test_fold_ignores_training_flag():
     bn = trained_bn(4, np.float64)
-    W = np.eye(4)
-    folded_eval = fastbn.fold_linear(W, None, bn)
+    W = np.eye(4)  # square: the layout must be named
+    folded_eval = fastbn.fold_linear(W, None, bn, layout="in_out")
     bn.train()
-    folded_train = fastbn.fold_linear(W, None, bn)
+    folded_train = fastbn.fold_linear(W, None, bn, layout="in_out")
     np.testing.assert_array_equal(folded_eval[0], folded_train[0])
     np.testing.assert_array_equal(folded_eval[1], folded_train[1])
 

@@ -66,6 +66,16 @@ def memory_bytes() -> int | None:
         return None
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none). On a shared machine
+    they say whether other work competed with the run: a pool of 2 threads on 2 cores waits
+    for a time slice whenever one of its threads is descheduled."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -86,8 +96,24 @@ def versions() -> dict[str, str | None]:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "numba-cuda": _version("numba-cuda"),
+        "scipy": _version("scipy"),
+        "threadpoolctl": _version("threadpoolctl"),
         "torch": torch_version,
     }
+
+
+def thread_pools() -> list[dict] | str:
+    """The native thread pools loaded in this process (BLAS, OpenMP), as threadpoolctl reports
+    them: library, API, version, thread count, threading layer. A spinning BLAS pool beside
+    Numba's changes what a small benchmark measures, so a run records them. A string says why
+    they are unknown."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl is not installed (pip install threadpoolctl)"
+    keep = ("user_api", "internal_api", "prefix", "version", "num_threads", "threading_layer",
+            "architecture", "filepath")
+    return [{k: pool[k] for k in keep if k in pool} for pool in threadpool_info()]
 
 
 def threading_layer() -> str:
@@ -96,6 +122,23 @@ def threading_layer() -> str:
         return numba.threading_layer()
     except ValueError:
         return "not yet chosen"
+
+
+def gpu_l2_bytes() -> int | None:
+    """L2 cache size of the CUDA device the cuda rows run on (None without a real GPU)."""
+    if gpu_name() is None:
+        return None
+    from numba import cuda
+    return getattr(cuda.get_current_device(), "L2_CACHE_SIZE", None)
+
+
+def gpu_driver_version() -> str | None:
+    """The CUDA driver's version ("12.4") when the cuda rows run on a real GPU."""
+    if gpu_name() is None:
+        return None
+    from numba import cuda
+    major, minor = cuda.cudadrv.driver.driver.get_version()
+    return f"{major}.{minor}"
 
 
 def gpu_name() -> str | None:
@@ -130,5 +173,7 @@ def machine_info() -> dict:
         "numba_threading_layer": threading_layer(),
         "torch_threads": torch_threads,
         "gpu": gpu_name(),
+        "gpu_driver": gpu_driver_version(),
         "platform": platform.platform(),
+        "thread_pools": thread_pools(),
     }

@@ -3,8 +3,9 @@
 Batch normalization does almost no arithmetic per byte, so its speed limit is memory bandwidth.
 The roofline time of a pass is ``streams x tensor bytes / bandwidth``: the time the pass would
 take if every unavoidable read and write of the tensor ran at the measured streaming rate.
-This module is the one place that arithmetic and the bandwidth measurement live; the CLI report
-and the pytest-benchmark suite both use it.
+This module is the one place that arithmetic, the bandwidth measurement and the rule for which
+measurement a row is judged against (:class:`BandwidthSchedule`) live; the CLI report and the
+pytest-benchmark suite both use it.
 """
 
 from __future__ import annotations
@@ -28,15 +29,37 @@ PASS_STREAMS: dict[str, int] = {
     "moments": 1,
 }
 PASSES: tuple[str, ...] = tuple(PASS_STREAMS)
-# Tensors each pass touches (x, dy, y/dx): its working set, to tell DRAM-bound rows from
-# rows whose arrays partly stay in the last-level cache between calls.
+
+# The fused operations of issue 13 (the fused section), counted the same way for fastbn's
+# design (docs/api.md): without a residual the ReLU adds no stream, its mask is recomputed from
+# x and the per-feature coefficients. The residual adds one read to the forward; its backward
+# reads the mask from the forward's y in both of its passes (reduce: dy, x, y; elementwise:
+# dy, x, y read, dx and d(residual) written).
+FUSED_STREAMS: dict[str, int] = {
+    "bn-relu-step": 3 + 5,       # forward-train + backward
+    "bn-relu-eval": 2,
+    "bn-add-relu-step": 4 + 8,
+    "bn-add-relu-eval": 3,
+}
+STREAMS: dict[str, int] = {**PASS_STREAMS, **FUSED_STREAMS}
+
+# Tensors each operation touches (x, dy, y/dx, residual, d(residual)): its working set, to tell
+# DRAM-bound rows from rows whose arrays partly stay in the last-level cache between calls.
 WORKING_SET_TENSORS: dict[str, int] = {
     "forward-train": 2,
     "forward-eval": 2,
     "backward": 3,
     "moments": 1,
+    "bn-relu-step": 4,           # x, y, dy, dx
+    "bn-relu-eval": 2,
+    "bn-add-relu-step": 6,       # x, residual, y, dy, dx, d(residual)
+    "bn-add-relu-eval": 3,
 }
-CACHE_RESIDENT_FACTOR = 2  # a working set up to 2x the cache is still served partly from it
+# A working set up to 2x the cache is still served partly from it ("cache"); from 8x on the
+# cache cannot help ("dram", issue 10's DRAM-sized tensors); in between, "mixed".
+CACHE_RESIDENT_FACTOR = 2
+DRAM_FACTOR = 8
+MEMORY_REGIMES: tuple[str, ...] = ("cache", "mixed", "dram")
 
 # The same streams as (read-only streams, read+write pairs), to say how close to the roofline a
 # pass can get on this machine: writes stream slower than reads.
@@ -55,18 +78,22 @@ L3_MULTIPLE = 8  # the stream array is this many times the L3 size, so the cache
 def bytes_moved(operation: str, tensor_bytes: int) -> int:
     """Minimum bytes an ``operation`` moves over a tensor of ``tensor_bytes`` bytes."""
     try:
-        return PASS_STREAMS[operation] * int(tensor_bytes)
+        return STREAMS[operation] * int(tensor_bytes)
     except KeyError:
-        raise ValueError(f"unknown pass {operation!r}; choose one of {PASSES}") from None
+        raise ValueError(f"unknown pass {operation!r}; choose one of {tuple(STREAMS)}") from None
 
 
-def partly_cache_resident(operation: str, tensor_bytes: int, cache_bytes: int | None) -> bool:
-    """Whether a pass's arrays are small enough to stay partly in a cache of ``cache_bytes``
-    between calls, so its % of the memory roofline may exceed 100."""
+def memory_regime(operation: str, tensor_bytes: int, cache_bytes: int | None) -> str | None:
+    """Where the arrays of one call of ``operation`` live between calls: ``"cache"`` (working
+    set at most 2x the last-level cache: part stays cached, so the % of the DRAM roofline is
+    not comparable and can exceed 100), ``"dram"`` (at least 8x: streamed from memory every
+    call), ``"mixed"`` in between; None when the cache size is unknown."""
     if not cache_bytes:
-        return False
+        return None
     working_set = WORKING_SET_TENSORS[operation] * tensor_bytes
-    return working_set <= CACHE_RESIDENT_FACTOR * cache_bytes
+    if working_set <= CACHE_RESIDENT_FACTOR * cache_bytes:
+        return "cache"
+    return "dram" if working_set >= DRAM_FACTOR * cache_bytes else "mixed"
 
 
 def gb_per_s(n_bytes: float, seconds: float) -> float:
@@ -235,3 +262,56 @@ def measure_bandwidth(array_bytes: int | None = None,
     return Bandwidth(read_gb_s=gb_per_s(a.nbytes, read_s),
                      read_write_gb_s=gb_per_s(2 * a.nbytes, read_write_s),
                      array_bytes=int(a.nbytes), runs=runs, threads=numba.get_num_threads())
+
+
+BETWEEN_GROUPS_RUNS = 5
+
+
+class BandwidthSchedule:
+    """The one bandwidth rule of both drivers (``python -m fastbn bench`` and ``pytest bench/``).
+
+    On a shared machine the rate a core can pull from memory follows the load on the host (on
+    the 2-core development VM it swung between about 35 and 60 GB/s within minutes), so one
+    measurement at the start would misjudge rows timed later. The host bandwidth is probed
+    before the first *group* of rows (one shape, dtype and pass: the rows compared with each
+    other), between consecutive groups and after the last (:meth:`finish`); a group's roofline
+    denominator is the best of the probes just before and just after it.
+    """
+
+    def __init__(self, array_bytes: int | None = None,
+                 runs_at_ends: int = DEFAULT_BANDWIDTH_RUNS,
+                 runs_between: int = BETWEEN_GROUPS_RUNS,
+                 measure=None) -> None:
+        self.array_bytes = array_bytes
+        self.runs_at_ends, self.runs_between = runs_at_ends, runs_between
+        self._measure = measure or measure_bandwidth
+        self.probes: list[Bandwidth] = []
+        self.groups: list[object] = []
+        self.finished = False
+
+    def enter(self, key: object) -> int:
+        """Start the group ``key`` (probing first) unless it is the current one; its index."""
+        if self.groups and self.groups[-1] == key:
+            return len(self.groups) - 1
+        runs = self.runs_between if self.groups else self.runs_at_ends
+        self.probes.append(self._measure(self.array_bytes, runs=runs))
+        self.groups.append(key)
+        return len(self.groups) - 1
+
+    def finish(self) -> list[Bandwidth]:
+        """Probe after the last group; returns :meth:`denominators`."""
+        if not self.finished and self.groups:
+            self.probes.append(self._measure(self.array_bytes, runs=self.runs_at_ends))
+        self.finished = True
+        return self.denominators()
+
+    def denominators(self) -> list[Bandwidth]:
+        """Per group, the best of the probes around it (after :meth:`finish`)."""
+        return [before.best_with(after) for before, after in zip(self.probes, self.probes[1:])]
+
+    def best(self) -> Bandwidth:
+        """The fastest rates seen in the whole run."""
+        best = self.probes[0]
+        for probe in self.probes[1:]:
+            best = best.best_with(probe)
+        return best
