@@ -155,7 +155,7 @@ def test_relu_ties_have_zero_gradient(mode, dtype, shape3):
     x = np.ascontiguousarray(rows.reshape(outer, inner, features).transpose(0, 2, 1))
     x = x.astype(dtype)
     dy = np.ones_like(x)
-    mean, var = cpu.moments(x)
+    mean, var = ref.moments(x, 1)  # exactly 0 and 10/3 (sums of small integers)
     y3, invstd = cpu.normalize(x, mean, var, None, None, EPS, None, None, True)
     assert np.count_nonzero(y3 == 0) == np.count_nonzero(_f64(x) <= 0)
     for y_given in (y3, None):
@@ -353,3 +353,26 @@ def test_forked_child_gets_the_same_results():
     assert run.returncode == 0, run.stderr[-3000:]
     layer, *exit_codes = run.stdout.split()
     assert exit_codes == ["0", "0"], f"{layer} layer; child exit codes {exit_codes} (3: differ)"
+
+
+@pytest.mark.parametrize("shape3", [(4, 3, 20), (30, 3, 1)])
+def test_float32_vectors_as_a_float32_layer_passes_them(shape3):
+    """Eval with float32 running statistics and parameters: widened, not computed in float32."""
+    x, dy, gamma, beta = _inputs(shape3, np.float64)
+    running_mean = np.array([3.1, 2.9, 3.05], np.float32)
+    running_var = np.array([4.2, 3.9, 4.01], np.float32)
+    gamma32, beta32 = gamma.astype(np.float32), beta.astype(np.float32)
+    y3, invstd = cpu.normalize(x, running_mean, running_var, gamma32, beta32, EPS)
+    expected, _, expected_invstd = ref.forward(x, gamma32, beta32, EPS, 1, running_mean,
+                                               running_var)
+    ref.assert_close(y3, expected, np.float64, what="y")
+    np.testing.assert_allclose(invstd, expected_invstd, rtol=1e-15)
+    dgamma, dbeta = cpu.backward_reduce(dy, x, gamma32, beta32, running_mean, invstd)
+    dx = cpu.backward_elementwise(dy, x, gamma32, beta32, running_mean, invstd, dgamma, dbeta,
+                                  shape3[0] * shape3[2], False)
+    exp_dx, exp_dgamma, exp_dbeta = ref.backward(dy, x, gamma32, EPS, 1, running_mean,
+                                                 running_var)
+    ref.assert_close(dx, exp_dx, np.float64, what="dx")
+    scale = np.abs(dy).sum() / shape3[1]
+    ref.assert_close(dgamma, exp_dgamma, np.float64, scale, what="dgamma")
+    ref.assert_close(dbeta, exp_dbeta, np.float64, scale, what="dbeta")

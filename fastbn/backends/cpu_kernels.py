@@ -29,10 +29,14 @@ Python around a kernel costs more than the kernel. Per-feature math comes from
 ``feature_math`` (shared with the CUDA kernels), compiled here with ``njit(inline="always")``.
 
 Reductions give each thread its own slice of partial results (``prange`` over threads), then
-``merge_thread_partials`` merges them serially in float64. Statistics are single-pass over
-memory: a chunk small enough to stay in cache is summed twice (mean, then squared deviations,
-both plain vectorizable loops) and the chunk's moments are merged with Chan's formula.
-Per-element Welford would need a divide per element and does not vectorize.
+``merge_thread_partials`` merges them serially in float64. Statistics are one pass: each chunk
+of a planar row (``PLANAR_CHUNK``), or block of channels-last rows, is summed as ``x - pivot``
+and ``(x - pivot)**2`` in float64 and merged into the thread's moments with Chan's formula. The
+pivot is the feature's mean so far (the chunk's first value for its first chunk), so the sums
+do not cancel: the error of ``M2 = S2 - S1**2/n`` is of the order of eps times the squared
+distance of the chunk from that mean, which Chan's merge adds to M2 anyway. It converts each
+element once (a two-pass chunk converts twice, and the conversions bound the loop) and
+vectorizes; per-element Welford would need a divide per element and does not.
 
 Elements are loaded with ``widen`` (float64) and stored with ``narrow`` (rounded once), which
 handle float16 given as its uint16 bits (``half``). Kernels take ``max_threads`` as their last
@@ -62,6 +66,8 @@ FASTMATH = {"reassoc", "nsz", "arcp"}
 # error_model="numpy": a division by zero gives inf/nan instead of a Python exception, whose
 # check would also keep the loops from vectorizing.
 HELPER = dict(cache=True, fastmath=FASTMATH, error_model="numpy")
+# The statistics pass may fuse multiply-adds (it has no bitwise twin to agree with).
+STATISTICS_FASTMATH = FASTMATH | {"contract"}
 # Finiteness checks without fast-math: under 'reassoc' LLVM may fold isfinite's x - x to 0.
 CHECK = dict(cache=True, error_model="numpy")
 KERNEL = dict(HELPER, parallel=True, nogil=True)
@@ -88,8 +94,8 @@ def threaded_and_serial(kernel):
     return njit(**KERNEL)(kernel)
 
 
-PLANAR_CHUNK = 4096        # elements of one row read twice from L1/L2 by batch_moments_planar
-BLOCK_ELEMENTS = 65536     # elements in a block of channels-last rows (256 KiB of float32: L2)
+PLANAR_CHUNK = 4096        # elements of one row summed before a merge by batch_moments_planar
+BLOCK_ELEMENTS = 65536     # elements in a block of channels-last rows summed before a merge
 MIN_BLOCK_ROWS = 8         # keeps the per-block merge cheap when C is very large
 
 # ----------------------------------------------------------------------------- shared math
@@ -149,19 +155,19 @@ def _row_of(a, r):
     return lambda a, r: a[r]
 
 
-@njit(inline="always", cache=True, fastmath=FASTMATH)
-def chunk_moments(run):
-    """Count, mean and sum of squared deviations of a cache-resident 1-D run of values."""
+@njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH)
+def pivoted_chunk_moments(run, pivot):
+    """Count, mean and sum of squared deviations of a 1-D run, in one pass of sums shifted by
+    ``pivot`` (a value near the run's mean, so the two sums do not cancel)."""
     total = 0.0
+    total_sq = 0.0
     for i in range(run.size):
-        total += widen(run[i])
+        d = widen(run[i]) - pivot
+        total += d
+        total_sq += d * d
     count = float(run.size)
-    mean = total / count
-    m2 = 0.0
-    for i in range(run.size):
-        d = widen(run[i]) - mean
-        m2 += d * d
-    return count, mean, m2
+    shifted_mean = total / count
+    return count, pivot + shifted_mean, max(total_sq - total * shifted_mean, 0.0)
 
 
 @njit(**HELPER)
@@ -190,11 +196,30 @@ def planar_work(x, chunk):
 
 
 @njit(inline="always", cache=True)
-def planar_item(item, features, n_chunks, chunk, inner):
-    """Which row ``(o, c)`` and which ``[start, stop)`` of it a planar work item covers."""
-    row = item // n_chunks
-    start = (item - row * n_chunks) * chunk
-    return row // features, row % features, start, min(start + chunk, inner)
+def planar_item_before(lo, features, n_chunks):
+    """``(o, c, piece)`` of the work item just before item ``lo`` (piece -1 at a row's start):
+    the state ``planar_next_item`` starts from. Items are ``(row, piece)`` with
+    ``row = o * features + c``, numbered row by row."""
+    row = lo // n_chunks
+    return row // features, row % features, lo - row * n_chunks - 1
+
+
+@njit(inline="always", cache=True)
+def planar_next_item(o, c, piece, features, n_chunks, chunk, inner):
+    """The next work item ``(o, c, piece)`` and its ``[start, stop)`` in row ``(o, c)``.
+
+    Stepping instead of dividing the item number: three integer divisions per item cost
+    more than summing a short row (NCHW with small H*W).
+    """
+    piece += 1
+    if piece == n_chunks:
+        piece = 0
+        c += 1
+        if c == features:
+            c = 0
+            o += 1
+    start = piece * chunk
+    return o, c, piece, start, min(start + chunk, inner)
 
 
 @njit(inline="always", cache=True)
@@ -209,13 +234,16 @@ def thread_count(max_threads, items):
 # row: LLVM vectorizes the first and not the second (measured: 6x slower statistics).
 
 # ----------------------------------------------------------------------------- statistics
-@njit(**HELPER)
+@njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
 def moments_items_planar(x, chunk, lo, hi, count, mean, m2):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
-    for item in range(lo, hi):
-        o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
-        n_b, mean_b, m2_b = chunk_moments(x[o, c, start:stop])
+    o, c, piece = planar_item_before(lo, features, n_chunks)
+    for _ in range(lo, hi):
+        o, c, piece, start, stop = planar_next_item(o, c, piece, features, n_chunks, chunk,
+                                                    inner)
+        pivot = mean[c] if count[c] > 0.0 else widen(x[o, c, start])
+        n_b, mean_b, m2_b = pivoted_chunk_moments(x[o, c, start:stop], pivot)
         count[c], mean[c], m2[c] = chan_merge(count[c], mean[c], m2[c], n_b, mean_b, m2_b)
 
 
@@ -238,58 +266,47 @@ def batch_moments_planar(x, chunk, out_mean, out_var, max_threads):
 SWEEP_ROWS = 4
 
 
-@njit(**HELPER)
-def sweep_sum(x, r0, r1, total):
-    """``total[c] += sum(x[r0:r1, c])``."""
+@njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
+def sweep_pivoted_sums(x, r0, r1, pivot, total, total_sq):
+    """``total[c] += sum(x[r0:r1, c] - pivot[c])`` and ``total_sq[c]`` of their squares."""
     r = r0
     while r + SWEEP_ROWS <= r1:
         x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
         for c in range(total.size):
-            total[c] += (widen(x0[c]) + widen(x1[c])) + (widen(x2[c]) + widen(x3[c]))
+            p = pivot[c]
+            d0, d1 = widen(x0[c]) - p, widen(x1[c]) - p
+            d2, d3 = widen(x2[c]) - p, widen(x3[c]) - p
+            total[c] += (d0 + d1) + (d2 + d3)
+            total_sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         r += SWEEP_ROWS
     for r in range(r, r1):
         xr = x[r]
         for c in range(total.size):
-            total[c] += widen(xr[c])
-
-
-@njit(**HELPER)
-def sweep_squared_deviations(x, r0, r1, mean, total):
-    """``total[c] += sum((x[r0:r1, c] - mean[c])**2)``."""
-    r = r0
-    while r + SWEEP_ROWS <= r1:
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-        for c in range(total.size):
-            mu = mean[c]
-            d0, d1 = widen(x0[c]) - mu, widen(x1[c]) - mu
-            d2, d3 = widen(x2[c]) - mu, widen(x3[c]) - mu
-            total[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += SWEEP_ROWS
-    for r in range(r, r1):
-        xr = x[r]
-        for c in range(total.size):
-            d = widen(xr[c]) - mean[c]
-            total[c] += d * d
+            d = widen(xr[c]) - pivot[c]
+            total[c] += d
+            total_sq[c] += d * d
 
 
 @njit(**HELPER)
 def moments_items_channels_last(x, block_rows, lo, hi, count, mean, m2):
     rows, features = x.shape
-    block_mean = np.empty(features)
-    block_m2 = np.empty(features)
+    pivot = np.empty(features)
+    total = np.empty(features)
+    total_sq = np.empty(features)
     for b in range(lo, hi):
         r0 = b * block_rows
         r1 = min(r0 + block_rows, rows)
         n_b = float(r1 - r0)
-        block_mean[:] = 0.0
-        sweep_sum(x, r0, r1, block_mean)
         for c in range(features):
-            block_mean[c] /= n_b
-        block_m2[:] = 0.0
-        sweep_squared_deviations(x, r0, r1, block_mean, block_m2)
+            pivot[c] = mean[c] if count[c] > 0.0 else widen(x[r0, c])
+        total[:] = 0.0
+        total_sq[:] = 0.0
+        sweep_pivoted_sums(x, r0, r1, pivot, total, total_sq)
         for c in range(features):
-            count[c], mean[c], m2[c] = chan_merge(count[c], mean[c], m2[c],
-                                                  n_b, block_mean[c], block_m2[c])
+            shifted_mean = total[c] / n_b
+            block_m2 = max(total_sq[c] - total[c] * shifted_mean, 0.0)
+            count[c], mean[c], m2[c] = chan_merge(count[c], mean[c], m2[c], n_b,
+                                                  pivot[c] + shifted_mean, block_m2)
 
 
 @threaded_and_serial
@@ -392,8 +409,10 @@ def scale_shift_run(x_run, residual_run, scale, shift, relu, y_run):
 def scale_shift_items_planar(x, residual, scale, shift, relu, chunk, lo, hi, y):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
-    for item in range(lo, hi):
-        o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
+    o, c, piece = planar_item_before(lo, features, n_chunks)
+    for _ in range(lo, hi):
+        o, c, piece, start, stop = planar_next_item(o, c, piece, features, n_chunks, chunk,
+                                                    inner)
         scale_shift_run(x[o, c, start:stop], run_of(residual, o, c, start, stop),
                         scale[c], shift[c], relu, y[o, c, start:stop])
 
@@ -473,8 +492,10 @@ def backward_reduce_items_planar(dy, x, y, mean, relu, scale, shift, chunk, lo, 
                                  sum_g, sum_g_xmu):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
-    for item in range(lo, hi):
-        o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
+    o, c, piece = planar_item_before(lo, features, n_chunks)
+    for _ in range(lo, hi):
+        o, c, piece, start, stop = planar_next_item(o, c, piece, features, n_chunks, chunk,
+                                                    inner)
         s, p = backward_reduce_run(dy[o, c, start:stop], x[o, c, start:stop],
                                    run_of(y, o, c, start, stop), mean[c], relu, scale[c],
                                    shift[c])
@@ -591,8 +612,10 @@ def backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, h
                                       dresidual):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
-    for item in range(lo, hi):
-        o, c, start, stop = planar_item(item, features, n_chunks, chunk, inner)
+    o, c, piece = planar_item_before(lo, features, n_chunks)
+    for _ in range(lo, hi):
+        o, c, piece, start, stop = planar_next_item(o, c, piece, features, n_chunks, chunk,
+                                                    inner)
         backward_elementwise_run(dy[o, c, start:stop], x[o, c, start:stop],
                                  run_of(y, o, c, start, stop), relu, coefficients[0, c],
                                  coefficients[1, c], coefficients[2, c], coefficients[3, c],
