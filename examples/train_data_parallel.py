@@ -10,6 +10,7 @@ step. The result is the single-process training on the full minibatches, which r
 
     mpiexec -n 4 python -m mpi4py examples/train_data_parallel.py
     python examples/train_data_parallel.py          # one process: the same run on 1 rank
+    mpiexec -n 2 python -m mpi4py examples/train_data_parallel.py --unsynchronized  # BN per shard
 
 Needs the ``mpi`` and ``examples`` extras: ``pip install -e ".[mpi,examples]"``.
 """
@@ -34,10 +35,12 @@ from numpy_nn import Sequential, SGDMomentum, softmax_cross_entropy  # noqa: E40
 from train_mlp import BATCH_SIZE, HIDDEN, build_mlp, load_data  # noqa: E402
 
 
-def build_model(d_in: int, seed: int, backend: str, comm=None) -> Sequential:
-    """train_mlp's BN model; with ``comm``, its BatchNorm1d layers become SyncBatchNorm."""
+def build_model(d_in: int, seed: int, backend: str, comm=None, sync_bn: bool = True
+                ) -> Sequential:
+    """train_mlp's BN model; with ``comm`` and ``sync_bn``, its BatchNorm1d layers become
+    SyncBatchNorm."""
     model = build_mlp(d_in, 10, "before", False, seed, backend)
-    if comm is not None:
+    if comm is not None and sync_bn:
         model.layers = [SyncBatchNorm(layer.num_features, dtype=layer.dtype, backend=backend,
                                       comm=comm) if isinstance(layer, fastbn.BatchNorm) else layer
                         for layer in model.layers]
@@ -56,7 +59,7 @@ def allreduce_gradients(comm, parameters: list[tuple[np.ndarray, np.ndarray]]) -
 
 
 def train(data, epochs: int, lr: float, seed: int, backend: str, comm=None,
-          max_steps: int | None = None) -> dict[str, list]:
+          max_steps: int | None = None, sync_bn: bool = True) -> dict[str, list]:
     """SGD-momentum training; with ``comm`` data-parallel over its ranks, else on one process.
 
     Returns the loss of every step, the mean loss and test accuracy of every epoch (the same on
@@ -64,7 +67,7 @@ def train(data, epochs: int, lr: float, seed: int, backend: str, comm=None,
     """
     X_train, X_test, y_train, y_test = data
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
-    model = build_model(X_train.shape[1], seed, backend, comm)
+    model = build_model(X_train.shape[1], seed, backend, comm, sync_bn)
     parameters = model.parameters()
     optimizer = SGDMomentum(parameters, lr)
     order_rng = np.random.default_rng(seed + 1)  # the same order on every rank
@@ -107,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="cpu", choices=fastbn.available_backends())
+    parser.add_argument("--unsynchronized", action="store_true",
+                        help="plain BatchNorm1d on each shard (each rank's own statistics), "
+                             "to see what SyncBatchNorm changes")
     parser.add_argument("--json", type=Path, default=None,
                         help="rank 0 writes both runs' losses here")
     args = parser.parse_args(argv)
@@ -120,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"samples), SGD-momentum lr {args.lr}, fastbn backend {args.backend!r}")
     warm_up(data[0][:BATCH_SIZE], args.backend)
     t0 = time.perf_counter()
-    parallel = train(data, args.epochs, args.lr, args.seed, args.backend, comm, args.steps)
+    parallel = train(data, args.epochs, args.lr, args.seed, args.backend, comm, args.steps,
+                     sync_bn=not args.unsynchronized)
     parallel_s = time.perf_counter() - t0
     digests = comm.gather(parallel["parameter_digest"], root=0)
     if rank != 0:
@@ -128,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     single = train(data, args.epochs, args.lr, args.seed, args.backend, None, args.steps)
     single_s = time.perf_counter() - t0
-    report(parallel, single, size, parallel_s, single_s, digests)
+    report(parallel, single, size, parallel_s, single_s, digests,
+           "BatchNorm1d per shard" if args.unsynchronized else "SyncBatchNorm")
     summary = {"ranks": size, "data_parallel": parallel, "single_process": single,
                "seconds": {"data_parallel": parallel_s, "single_process": single_s}}
     if args.json is not None:
@@ -151,17 +159,17 @@ def limit_blas_threads(ranks: int) -> None:
 
 
 def report(parallel: dict, single: dict, size: int, parallel_s: float, single_s: float,
-           digests: list[str]) -> None:
+           digests: list[str], layer: str) -> None:
     steps = len(parallel["step_loss"])
     difference = np.max(np.abs(np.subtract(parallel["step_loss"], single["step_loss"])),
                         initial=0.0)
-    print(f"\n{'epoch':>5} | {f'loss, {size} rank(s) SyncBatchNorm':>30} | "
+    label = f"loss, {size} rank(s) {layer}"
+    print(f"\n{'epoch':>5} | {label} | "
           f"{'loss, 1 process full batch':>27} | test acc")
     for epoch, (a, b, accuracy) in enumerate(zip(parallel["epoch_loss"], single["epoch_loss"],
                                                  parallel["test_accuracy"]), 1):
-        print(f"{epoch:>5} | {a:>30.6f} | {b:>27.6f} | {100 * accuracy:6.1f}%")
-    print(f"\n{steps} steps: largest |difference| of a step's loss {difference:.2e} "
-          f"(float32 rounding: the shards' sums are added in another order)")
+        print(f"{epoch:>5} | {a:>{len(label)}.6f} | {b:>27.6f} | {100 * accuracy:6.1f}%")
+    print(f"\n{steps} steps: largest |difference| of a step's loss {difference:.2e}")
     print(f"parameters bitwise identical on every rank: {len(set(digests)) == 1}")
     print(f"time: {parallel_s:.2f} s data-parallel, {single_s:.2f} s single process")
 

@@ -99,10 +99,7 @@ def prepare_like(a: Any, like: Input, name: str) -> Any:
                          f"shape {tuple(like.array.shape)}")
     if array.dtype != like.array.dtype:
         _checks.check_float_dtype(array.dtype, name)
-        if not hasattr(array, "astype"):
-            raise TypeError(f"{name} must have x's dtype {like.array.dtype} on the "
-                            f"{backend.NAME} backend, got {array.dtype}")
-        array = array.astype(like.array.dtype)
+        array = backend.astype(array, like.array.dtype)
     return backend.canonical(array, like.shape3)
 
 

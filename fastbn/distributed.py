@@ -110,10 +110,9 @@ def merge_moments(comm: Comm, count: int, mean: Any, var: Any
         for rank_count, rank_mean, rank_m2 in gathered:  # rank order, the same on every rank
             total, merged_mean, merged_m2 = chan_merge(total, merged_mean, merged_m2,
                                                        float(rank_count[0]), rank_mean, rank_m2)
-        merged_var = merged_m2 / total if total else merged_m2
-    if total == 0.0:
-        return 0, np.zeros(num_features), np.zeros(num_features)
-    return int(total), merged_mean, merged_var
+        if total == 0.0:
+            return 0, np.zeros(num_features), np.zeros(num_features)
+        return int(total), merged_mean, merged_m2 / total
 
 
 def allreduce_sums(comm: Comm, count: int, dgamma: Any, dbeta: Any
@@ -152,7 +151,7 @@ class SyncBatchNorm(BatchNorm):
     """Batch norm whose training statistics are those of the union of every rank's batch.
 
     The layer API of :class:`fastbn.BatchNorm` (any input rank and feature axis, train/eval,
-    ``params``/``grads``, state dicts), with one more argument:
+    ``params``/``grads``, state dicts, ``activation``), with one more argument, ``comm``.
 
     Parameters
     ----------
@@ -161,8 +160,6 @@ class SyncBatchNorm(BatchNorm):
         Every rank of ``comm`` must call ``forward`` (and ``backward``) in training mode
         together, each with its own shard (which may be empty); eval mode communicates
         nothing.
-    activation : None or "relu"
-        As for ``BatchNorm``: a fused ReLU (after the residual, when forward gets one).
 
     Notes
     -----

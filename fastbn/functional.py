@@ -50,10 +50,9 @@ def moments(x: ArrayLike, axis: int = 1, backend: str | None = None,
                                                  inp.backend.to_host(var))
         mean, var = inp.backend.asarray(mean, "mean"), inp.backend.asarray(var, "var")
     dtype = _result_dtype(inp.array.dtype)
-    to_output = inp.backend.to_output
-    if isinstance(mean, np.ndarray):
-        return to_output(mean.astype(dtype, copy=False), x), to_output(var.astype(dtype, copy=False), x)
-    return to_output(mean, x), to_output(var, x)
+    backend = inp.backend
+    return (backend.to_output(backend.astype(mean, dtype), x),
+            backend.to_output(backend.astype(var, dtype), x))
 
 
 def _residual_view(residual: ArrayLike | None, inp: _pipeline.Input) -> Any:

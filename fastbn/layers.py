@@ -150,7 +150,8 @@ class BatchNorm:
                 current[...] = load("cuda").to_host(value)
         elif hasattr(current, "copy_to_device"):  # a Numba device array (backend "cuda")
             if is_device_array(value) and value.dtype == current.dtype:
-                current.copy_to_device(value)
+                # On the stream the value was computed on, so the copy stays in order with it.
+                current.copy_to_device(value, stream=getattr(value, "stream", 0))
             else:
                 host = value if isinstance(value, np.ndarray) else load("cuda").to_host(value)
                 current.copy_to_device(np.ascontiguousarray(host, dtype=current.dtype))
@@ -203,7 +204,7 @@ class BatchNorm:
         # With a residual the ReLU's mask cannot be recomputed from x: keep y for it.
         self._saved = (inp, mean, invstd, batch_stats, count,
                        y3 if (relu and residual is not None) else None, residual is not None,
-                       self.comm if batch_stats else None)
+                       self.comm if self.training else None)
         return inp.restore(y3)
 
     __call__ = forward

@@ -17,6 +17,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import reference as ref
 from fastbn import backends
@@ -423,7 +425,7 @@ def test_small_launch_config_spreads_each_feature_over_several_blocks(launches, 
         feature_blocks, blocks_per_feature = grid
         assert block == (4, 2)  # 3 features on 4 columns, 2 rows of threads
         assert blocks_per_feature == 2  # 5 wanted, capped by MAX_GRID_Y; rows grid-stride
-    for stage_two in ("merge_block_partials", "sum_block_partials"):
+    for stage_two in ("merge_block_partials", "merge_gradient_partials"):
         (_, _, block, _), = [launch for launch in launches if launch[0] == stage_two]
         assert block == blocks_per_feature  # the second stage merges every block's partial
 
@@ -460,6 +462,39 @@ def test_scratch_space_is_reused_across_calls(monkeypatch, launch):
     # Only the results the caller keeps: (mean, var), y, invstd, (dgamma, dbeta), dx.
     assert sorted(shape for _, shape in allocations) == sorted(
         [(2, 3), (4, 3, 5), (3,), (2, 3), (4, 3, 5)])
+
+
+@pytest.fixture
+def host_waits(monkeypatch):
+    """Record every way the backend can wait for the device: copies to the host and stream
+    or device synchronization."""
+    waits = []
+    array_type = type(cuda.to_device(np.ones(1)))
+    for owner, name in ((array_type, "copy_to_host"), (type(cuda.stream()), "synchronize"),
+                        (cuda, "synchronize")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _o=original, _n=name, **kw:
+                            waits.append(_n) or _o(*a, **kw))
+    return waits
+
+
+def test_only_the_training_nan_check_waits_for_the_device(host_waits):
+    x3 = device3(make((4, 3, 5), np.float32), 1)
+    dy3 = device3(make((4, 3, 5), np.float32, seed=3), 1)
+    running = cuda.to_device(np.zeros(3, np.float32)), cuda.to_device(np.ones(3, np.float32))
+    gamma, beta = (cuda.to_device(p) for p in params(3, np.float32))
+    mean, var = cb.moments(x3)
+    assert cb.nonfinite_features(mean, var).size == 0
+    # Two asynchronous copies into pinned memory, then the one wait for them.
+    assert host_waits == ["copy_to_host", "copy_to_host", "synchronize"]
+    host_waits.clear()
+    assert cb.update_running_stats(*running, mean, var, 20, 0.1)
+    y3, invstd = cb.normalize(x3, mean, var, gamma, beta, EPS, relu=True)
+    cb.normalize(x3, *running, gamma, beta, EPS)  # eval
+    dgamma, dbeta = cb.backward_reduce(dy3, x3, gamma, beta, mean, invstd, relu=True)
+    cb.backward_elementwise(dy3, x3, gamma, beta, mean, invstd, dgamma, dbeta, 20, True,
+                            relu=True)
+    assert host_waits == []
 
 
 # ----------------------------------------------------------------------------- streams
@@ -569,13 +604,8 @@ def test_outputs_come_back_as_the_callers_array_type(monkeypatch):
 
 
 def test_is_device_array_is_the_one_gpu_test():
-    class RefusesInterface:  # what torch does for a CUDA tensor that requires grad
-        @property
-        def __cuda_array_interface__(self):
-            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
-
+    assert cb.is_device_array is backends.is_device_array
     assert cb.is_device_array(cuda.to_device(np.ones(2)))
-    assert cb.is_device_array(RefusesInterface())
     assert not cb.is_device_array(np.ones(2))
     assert not hasattr(cb, "is_native") and not hasattr(cb, "_is_device")
 
@@ -603,6 +633,18 @@ def test_non_contiguous_device_input_is_copied_with_a_warning():
     np.testing.assert_array_equal(host(x3, nchw.shape), nchw)
 
 
+@pytest.mark.parametrize("target", [np.float16, np.float32, np.float64])
+def test_astype_converts_on_the_device_rounding_once(target):
+    x = make((3, 4, 2), np.float64)
+    got = cb.astype(cuda.to_device(x), target)
+    assert got.dtype == target and got.shape == x.shape
+    np.testing.assert_array_equal(host(got), x.astype(target))
+    same = cuda.to_device(x.astype(target))
+    assert cb.astype(same, target) is same
+    strided = cb.astype(cuda.to_device(x).transpose((2, 0, 1))[::2], target)
+    np.testing.assert_array_equal(host(strided), x.transpose((2, 0, 1))[::2].astype(target))
+
+
 def test_device_views_that_do_not_merge_into_three_axes_raise():
     x = cuda.to_device(make((4, 6, 5), np.float32))[:, ::2, :].transpose((2, 0, 1))
     with warnings.catch_warnings():
@@ -626,6 +668,7 @@ def test_unavailable_reason_names_what_is_missing(monkeypatch):
 
 def test_unavailable_cuda_is_not_listed(monkeypatch):
     monkeypatch.setattr(cb, "unavailable_reason", lambda: "no CUDA GPU was found")
+    monkeypatch.delitem(backends._loaded, "cuda", raising=False)  # load() caches availability
     assert "cuda" not in backends.available_backends()
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available: no CUDA GPU"):
         backends.load("cuda")
@@ -639,3 +682,38 @@ def test_importing_fastbn_does_not_import_numba_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- properties
+@st.composite
+def inputs(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=2, max_size=4)))
+    axis = draw(st.integers(-len(shape), len(shape) - 1))
+    dtype = draw(st.sampled_from(DTYPES))
+    assume(math.prod(shape) // shape[axis] > 1)  # batch statistics need two values
+    offset = draw(st.sampled_from([0.0, 3.0, 100.0]))
+    return shape, axis, dtype, offset, draw(st.booleans())
+
+
+@settings(max_examples=25, deadline=None)
+@given(inputs())
+def test_training_step_matches_the_reference_for_any_layout(case):
+    shape, axis, dtype, offset, relu = case
+    x = make(shape, dtype, offset=offset)
+    dy = make(shape, dtype, seed=4, offset=0.0, spread=1.0)
+    gamma, beta = params(shape[axis], dtype)
+    x3, dy3 = device3(x, axis), device3(dy, axis)
+    mean, var = cb.moments(x3)
+    y3, invstd = cb.normalize(x3, mean, var, gamma, beta, EPS, relu=relu)
+    exp_y = fused_reference(x, axis, gamma, beta, None, relu, dy)[0]
+    assert_close(host(y3, shape), exp_y, dtype, scale=2.0, what="y")
+    y_stored = host(y3, shape).astype(np.float64)
+    g = dy.astype(np.float64) * (y_stored > 0) if relu else dy.astype(np.float64)
+    exp_dx, exp_dgamma, exp_dbeta = ref.backward(g, x, gamma, EPS, axis)
+    dgamma, dbeta = cb.backward_reduce(dy3, x3, gamma, beta, mean, invstd, relu=relu)
+    dx3 = cb.backward_elementwise(dy3, x3, gamma, beta, mean, invstd, dgamma, dbeta,
+                                  x3.shape[0] * x3.shape[2], True, relu=relu)
+    scale = np.abs(dy).astype(np.float64).sum()
+    assert_close(host(dbeta), exp_dbeta, dtype, scale=scale, what="dbeta")
+    assert_close(host(dgamma), exp_dgamma, dtype, scale=scale, what="dgamma")
+    assert_close(host(dx3, shape), exp_dx, dtype, scale=2.0, what="dx")

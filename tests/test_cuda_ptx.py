@@ -58,10 +58,12 @@ COMPILE_EVERY_KERNEL = textwrap.dedent("""
             table[f"backward_elementwise_{layout}"] = [
                 (x, x, x, v64, v64, vt, vt, v64, v64, f64, boolean, boolean, f64, x, x)]
         table["merge_block_partials"] = [(p64, i64, s64)]
-        table["sum_block_partials"] = [(p64, i64, v64, s64)]
+        table["merge_gradient_partials"] = [(p64, i64, v64, s64)]
         table["update_running_stats"] = [(vt, vt, v64, v64, f64, f64, f64, f64,
                                           arr(types.int32, 1))]
-        table["contiguous_copy"] = [(arr(t, 3, "A"), arr(t, 3))]
+        table["contiguous_copy"] = [(arr(t, 3, "A"), arr(t, 3)),  # copies and casts
+                                    (arr(t, 3, "A"), arr(types.float32, 3)),
+                                    (arr(f64, 3, "A"), arr(t, 3))]
         return table
 
     ARITHMETIC = re.compile(r"\\b(?:add|sub|mul|fma|div|neg|abs|min|max|sqrt|rcp)"
@@ -80,6 +82,7 @@ COMPILE_EVERY_KERNEL = textwrap.dedent("""
                     "narrow_arithmetic": sorted(set(ARITHMETIC.findall(ptx))),
                     "local_memory": ".local" in ptx,
                     "global_loads": len(re.findall(r"\\bld\\.global", ptx)),
+                    "integer_divisions": len(re.findall(r"\\b(?:div|rem)\\.[su]64", ptx)),
                 })
     print(json.dumps(report))
 """)
@@ -115,3 +118,12 @@ def test_loads_in_flight_live_in_registers(ptx_report):
             # The group of LOADS values is loaded by unrolled code, not one load in a loop.
             loads = ptx_report[f"batch_moments_{layout}[{dtype}]"][0]["global_loads"]
             assert loads >= k.LOADS, (layout, dtype, loads)
+
+
+def test_planar_elementwise_passes_divide_once_per_feature_not_per_row(ptx_report):
+    # A block owns a feature: the only 64-bit division left is the set-up of the loop over
+    # features (a range() trip count), none per row or element.
+    for kernel in ("scale_shift_planar", "backward_elementwise_planar"):
+        for dtype in ("float16", "float32", "float64"):
+            for sig in ptx_report[f"{kernel}[{dtype}]"]:
+                assert sig["integer_divisions"] <= 1, (kernel, dtype, sig)

@@ -13,6 +13,8 @@ import os
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 BACKEND_NAMES = ("numpy", "cpu", "cuda")
 ENV_VAR = "FASTBN_BACKEND"
 
@@ -35,16 +37,31 @@ _loaded: dict[str, ModuleType] = {}
 
 def load(name: str) -> ModuleType:
     """Import and return the backend module ``name``, raising if it cannot run here."""
-    module = _loaded.get(name)
-    if module is not None:
-        return module
     _check_name(name, "the caller")
     module = importlib.import_module(_MODULES[name])
     problem = module.unavailable_reason()
     if problem:
         raise RuntimeError(f"backend {name!r} is not available: {problem}")
-    _loaded[name] = module  # availability does not change within a process
+    _loaded[name] = module
     return module
+
+
+# os.environ.get costs about a microsecond (it encodes the key and decodes the value), as much
+# as a small kernel; CPython keeps the encoded mapping behind it, where a lookup is a dict get.
+_ENVIRON_BYTES = getattr(os.environ, "_data", None)
+_ENV_KEY = os.fsencode(ENV_VAR)
+
+
+def _environ_has_choice() -> bool:
+    if isinstance(_ENVIRON_BYTES, dict):
+        return bool(_ENVIRON_BYTES.get(_ENV_KEY))
+    return bool(os.environ.get(ENV_VAR))
+
+
+def _cached(name: str) -> ModuleType:
+    # The per-call path: a backend that loaded once stays usable for the process.
+    module = _loaded.get(name)
+    return module if module is not None else load(name)
 
 
 def set_backend(name: str | None) -> None:
@@ -91,7 +108,12 @@ def available_backends() -> list[str]:
 def is_device_array(x: Any) -> bool:
     """Whether ``x`` lives in GPU memory (``__cuda_array_interface__``: CuPy, PyTorch CUDA
     tensors, Numba device arrays; ``__cuda_ndarray__``: the CUDA simulator's arrays)."""
-    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
+    if getattr(x, "__cuda_ndarray__", False):
+        return True
+    try:
+        return hasattr(x, "__cuda_array_interface__")
+    except RuntimeError:  # torch refuses the interface of a CUDA tensor that requires grad
+        return True
 
 
 def resolve(*choices: str | None, like: Any = None) -> ModuleType:
@@ -103,8 +125,9 @@ def resolve(*choices: str | None, like: Any = None) -> ModuleType:
             return module if module is not None else load(_check_name(choice,
                                                                        "the backend argument"))
     if _global_backend is not None:
-        return load(_global_backend)
-    from_env = os.environ.get(ENV_VAR)
-    if from_env:
-        return load(_check_name(from_env.strip().lower(), f"${ENV_VAR}"))
-    return load("cuda") if is_device_array(like) else load("cpu")
+        return _cached(_global_backend)
+    if _environ_has_choice():
+        return _cached(get_backend())
+    if type(like) is not np.ndarray and is_device_array(like):
+        return _cached("cuda")
+    return _cached("cpu")

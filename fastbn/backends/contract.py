@@ -37,7 +37,8 @@ Vector = Any
 
 #: The functions every backend module defines (the conformance test checks them by name).
 OPERATIONS = (
-    "unavailable_reason", "asarray", "canonical", "output_view", "empty", "to_output", "to_host",
+    "unavailable_reason", "asarray", "canonical", "output_view", "empty", "astype", "to_output",
+    "to_host",
     "moments", "nonfinite_features", "update_running_stats", "normalize",
     "backward_reduce", "backward_elementwise",
 )
@@ -74,6 +75,10 @@ class Backend(Protocol):
 
     def empty(self, shape3: tuple[int, int, int], dtype: np.dtype) -> Array3:
         """A new uninitialized output (the cpu backend recycles large ones)."""
+
+    def astype(self, a: Any, dtype: np.dtype) -> Any:
+        """``a`` (any shape) converted to ``dtype``: ``a`` itself where it already has it,
+        else a new array of the backend's kind."""
 
     def to_output(self, y: Any, like: Any) -> Any:
         """``y`` in the kind of array the caller passed as ``like`` (e.g. back to the host)."""

@@ -35,6 +35,7 @@ unavailable_reason = host.unavailable_reason
 asarray = host.asarray
 canonical = host.canonical
 output_view = host.output_view
+astype = host.astype
 to_output = host.to_output
 to_host = host.to_host
 

@@ -1,20 +1,20 @@
 """Numba ``@njit`` kernels of the ``"cpu"`` backend.
 
-==================================  =========================================================
-kernel                              job
-==================================  =========================================================
-``batch_moments_planar``            statistics pass: per-feature mean and biased variance
-``batch_moments_channels_last``     the same for ``(rows, C)``
-``update_running_stats``            per-feature: running averages, all or nothing
-``normalize_coefficients``          per-feature: invstd, scale, shift
-``scale_shift_planar``              forward elementwise pass: y = act(x*scale + shift [+ r])
-``scale_shift_channels_last``       the same for ``(rows, C)``
-``backward_reduce_planar``          backward reduction: dgamma, dbeta
-``backward_reduce_channels_last``   the same for ``(rows, C)``
-``backward_coefficients``           per-feature: dy_scale, x_scale, dx_shift
-``backward_elementwise_planar``     backward elementwise: dx = g*dy_scale + x*x_scale + dx_shift
-``backward_elementwise_channels_last``  the same for ``(rows, C)``
-==================================  =========================================================
+======================================  ============================================================
+kernel                                  job
+======================================  ============================================================
+``batch_moments_planar``                statistics pass: per-feature mean and biased variance
+``batch_moments_channels_last``         the same on ``(rows, C)``
+``update_running_stats``                per feature: running averages, all or nothing
+``normalize_coefficients``              per feature: invstd, scale, shift
+``scale_shift_planar``                  forward elementwise: y = act(x*scale + shift [+ residual])
+``scale_shift_channels_last``           the same on ``(rows, C)``
+``backward_reduce_planar``              backward reduction: dgamma, dbeta
+``backward_reduce_channels_last``       the same on ``(rows, C)``
+``backward_coefficients``               per feature: dy_scale, x_scale, dx_shift
+``backward_elementwise_planar``         backward elementwise: dx = g*dy_scale + x*x_scale + dx_shift
+``backward_elementwise_channels_last``  the same on ``(rows, C)``
+======================================  ============================================================
 
 Two layouts of the canonical ``(outer, C, inner)`` view, as named twins:
 
@@ -62,6 +62,8 @@ FASTMATH = {"reassoc", "nsz", "arcp"}
 # error_model="numpy": a division by zero gives inf/nan instead of a Python exception, whose
 # check would also keep the loops from vectorizing.
 HELPER = dict(cache=True, fastmath=FASTMATH, error_model="numpy")
+# Finiteness checks without fast-math: under 'reassoc' LLVM may fold isfinite's x - x to 0.
+CHECK = dict(cache=True, error_model="numpy")
 KERNEL = dict(HELPER, parallel=True, nogil=True)
 SERIAL_KERNEL = dict(HELPER, nogil=True)
 
@@ -231,6 +233,45 @@ def batch_moments_planar(x, chunk, out_mean, out_var, max_threads):
     merge_thread_partials(count, mean, m2, out_mean, out_var)
 
 
+# Channels-last sweeps take SWEEP_ROWS rows per trip along C: each row alone would load and
+# store the float64 accumulators once per element, which bounds the loop below the DRAM rate.
+SWEEP_ROWS = 4
+
+
+@njit(**HELPER)
+def sweep_sum(x, r0, r1, total):
+    """``total[c] += sum(x[r0:r1, c])``."""
+    r = r0
+    while r + SWEEP_ROWS <= r1:
+        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+        for c in range(total.size):
+            total[c] += (widen(x0[c]) + widen(x1[c])) + (widen(x2[c]) + widen(x3[c]))
+        r += SWEEP_ROWS
+    for r in range(r, r1):
+        xr = x[r]
+        for c in range(total.size):
+            total[c] += widen(xr[c])
+
+
+@njit(**HELPER)
+def sweep_squared_deviations(x, r0, r1, mean, total):
+    """``total[c] += sum((x[r0:r1, c] - mean[c])**2)``."""
+    r = r0
+    while r + SWEEP_ROWS <= r1:
+        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+        for c in range(total.size):
+            mu = mean[c]
+            d0, d1 = widen(x0[c]) - mu, widen(x1[c]) - mu
+            d2, d3 = widen(x2[c]) - mu, widen(x3[c]) - mu
+            total[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += SWEEP_ROWS
+    for r in range(r, r1):
+        xr = x[r]
+        for c in range(total.size):
+            d = widen(xr[c]) - mean[c]
+            total[c] += d * d
+
+
 @njit(**HELPER)
 def moments_items_channels_last(x, block_rows, lo, hi, count, mean, m2):
     rows, features = x.shape
@@ -241,18 +282,11 @@ def moments_items_channels_last(x, block_rows, lo, hi, count, mean, m2):
         r1 = min(r0 + block_rows, rows)
         n_b = float(r1 - r0)
         block_mean[:] = 0.0
-        for r in range(r0, r1):
-            xr = x[r]
-            for c in range(features):
-                block_mean[c] += widen(xr[c])
+        sweep_sum(x, r0, r1, block_mean)
         for c in range(features):
             block_mean[c] /= n_b
         block_m2[:] = 0.0
-        for r in range(r0, r1):
-            xr = x[r]
-            for c in range(features):
-                d = widen(xr[c]) - block_mean[c]
-                block_m2[c] += d * d
+        sweep_squared_deviations(x, r0, r1, block_mean, block_m2)
         for c in range(features):
             count[c], mean[c], m2[c] = chan_merge(count[c], mean[c], m2[c],
                                                   n_b, block_mean[c], block_m2[c])
@@ -274,7 +308,7 @@ def batch_moments_channels_last(x3, block_rows, out_mean, out_var, max_threads):
 
 
 # ----------------------------------------------------------------------------- per feature
-@njit(**HELPER)
+@njit(**CHECK)
 def running_update_fits(running, batch, count, momentum, unbiased):
     """Whether every updated value of ``running`` is finite once rounded to its dtype."""
     if running is None:
@@ -287,7 +321,7 @@ def running_update_fits(running, batch, count, momentum, unbiased):
     return True
 
 
-@njit(**HELPER)
+@njit(**CHECK)
 def running_update_write(running, batch, count, momentum, unbiased):
     if running is None:
         return
@@ -296,7 +330,7 @@ def running_update_write(running, batch, count, momentum, unbiased):
         running[c] = narrow(running_average(widen(running[c]), value, momentum), running)
 
 
-@njit(**HELPER)
+@njit(**CHECK)
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """Running averages of the batch mean and unbiased variance, written only if all fit."""
     if not (running_update_fits(running_mean, mean, count, momentum, False)
@@ -323,7 +357,7 @@ def normalize_coefficients(mean, var, gamma, beta, eps, invstd, scale, shift):
     affine_coefficients(gamma, beta, mean, invstd, scale, shift)
 
 
-@njit(**HELPER)
+@njit(**CHECK)
 def nonfinite_count(mean, var):
     """Number of features whose mean or variance is NaN or infinite."""
     bad = 0

@@ -46,7 +46,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import feature_math
+from .._checks import host_input_array
+from . import feature_math, is_device_array
 from .host import nonfinite_features as _host_nonfinite_features
 
 try:
@@ -266,17 +267,6 @@ FRAMEWORK_STREAM = {"torch": _torch_stream}
 
 
 # ----------------------------------------------------------------------------- arrays
-def is_device_array(x: Any) -> bool:
-    """Whether ``x`` is a GPU array: a Numba device array (also the simulator's) or anything
-    with ``__cuda_array_interface__`` (a torch tensor that requires grad included)."""
-    if getattr(x, "__cuda_ndarray__", False):
-        return True
-    try:
-        return hasattr(x, "__cuda_array_interface__")
-    except RuntimeError:  # torch refuses the interface on tensors that require grad
-        return True
-
-
 def _import(x: Any) -> Any:
     """A Numba device array sharing a GPU array's memory, on its device and stream."""
     if getattr(x, "__cuda_ndarray__", False):
@@ -292,18 +282,14 @@ def _import(x: Any) -> Any:
 
 
 def _host(x: Any, name: str) -> np.ndarray:
-    if x is None:
-        raise TypeError(f"{name} must be an array of float16, float32 or float64, got None")
-    try:
-        return np.asarray(_detached(x))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} must be an array of float16, float32 or float64, got "
-                        f"{type(x).__name__}") from exc
+    """A host input as the host backends take it (same conversions, same errors)."""
+    return host_input_array(_detached(x), name)
 
 
 def asarray(x: Any, name: str) -> Any:
     """A Numba device array: a view of a GPU array, a copy of anything else (the dtype is
     checked by the pipeline)."""
+    x = _detached(x)
     if is_device_array(x):
         return _import(x)
     host = _host(x, name)
@@ -347,7 +333,10 @@ def _strided_view(x: Any, shape3: tuple[int, int, int]) -> Any:
 
 def canonical(x: Any, shape3: tuple[int, int, int]) -> Any:
     """The C-contiguous ``(outer, C, inner)`` view of a device array; a non-contiguous one is
-    copied on the device, with a :class:`NonContiguousCopyWarning`."""
+    copied on the device, with a :class:`NonContiguousCopyWarning`. A host array is copied to
+    the device first."""
+    if not is_device_array(x):
+        x = asarray(x, "x")
     if x.is_c_contiguous():
         return _reshape(x, shape3)
     view = _strided_view(x, shape3)
@@ -370,6 +359,7 @@ def canonical(x: Any, shape3: tuple[int, int, int]) -> Any:
 def output_view(out: Any, shape3: tuple[int, int, int], name: str) -> Any:
     """The canonical view of a caller's output array: a device array is written directly,
     a NumPy array receives a copy of the device result."""
+    out = _detached(out)
     if is_device_array(out):
         out = _import(out)
         if not out.is_c_contiguous():
@@ -388,6 +378,27 @@ def empty(shape3: tuple[int, int, int], dtype: Any) -> Any:
     return _allocate(shape3, dtype, _stream_of(None), like=None)
 
 
+def astype(a: Any, dtype: Any) -> Any:
+    """``a`` (any shape) converted to ``dtype`` on the device, rounded once: ``a`` itself
+    where it already has ``dtype``. Host arrays are copied to the device first."""
+    a = _import(_detached(a)) if is_device_array(a) else asarray(a, "array")
+    dtype = np.dtype(dtype)
+    if a.dtype == dtype:
+        return a
+    flat = (1, 1, a.size)
+    source = _reshape(a, flat) if a.is_c_contiguous() else _strided_view(a, flat)
+    if source is None:
+        raise ValueError(f"the cuda backend cannot convert a device array of shape "
+                         f"{tuple(a.shape)} and strides {tuple(a.strides)}; pass a contiguous "
+                         "copy")
+    with _call(a) as stream:
+        out = _allocate(tuple(a.shape), dtype, stream, like=a)
+        if a.size:
+            _launch(k.contiguous_copy, _blocks(a.size), THREADS_PER_BLOCK, stream, source,
+                    _reshape(out, flat))
+    return out
+
+
 def _allocate(shape, dtype, stream, like) -> Any:
     """A new device array on ``stream``, from ``like``'s framework's caching allocator where
     ``like`` is memory of torch or CuPy (Numba's allocator otherwise)."""
@@ -400,20 +411,22 @@ def _allocate(shape, dtype, stream, like) -> Any:
 def to_output(y: Any, like: Any) -> Any:
     """``y`` as the caller's array type: torch/CuPy for torch/CuPy ``like`` (sharing memory),
     a Numba device array for a Numba ``like``, a NumPy copy for host callers (synchronizes)."""
+    like = _detached(like)
     if not is_device_array(y):
         return y
     if not is_device_array(like):
         return y.copy_to_host(stream=getattr(y, "stream", 0))
     wrap = FRAMEWORK_OUTPUT.get(_framework(like))
-    return wrap(y, like) if wrap else y
+    return wrap(y, like) if wrap else _bound(y, _stream_of(like))
 
 
 def to_host(a: Any) -> np.ndarray:
     """A NumPy copy of ``a`` (waits for ``a``'s stream)."""
+    a = _detached(a)
     if is_device_array(a):
         a = _import(a)
         return a.copy_to_host(stream=getattr(a, "stream", 0))
-    return np.array(_host(a, "array"), copy=True)
+    return np.array(np.asarray(_detached(a)), copy=True)
 
 
 # ----------------------------------------------------------------------------- scratch space
@@ -449,6 +462,7 @@ def _vector(v: Any, stream: Any) -> Any:
     """A per-feature argument on the device (host vectors are copied on ``stream``)."""
     if v is None:
         return _absent(1, np.float64, stream)
+    v = _detached(v)
     if is_device_array(v):
         return _import(v)
     return cuda.to_device(np.ascontiguousarray(v), stream=stream)
@@ -635,10 +649,14 @@ def update_running_stats(running_mean: Any, running_var: Any, mean: Any, var: An
     """
     if running_mean is None and running_var is None:
         return True
-    if not (is_device_array(running_mean) or is_device_array(running_var)):
+    device_arrays = [a for a in (running_mean, running_var) if a is not None]
+    on_device = [is_device_array(a) for a in device_arrays]
+    if not any(on_device):
         return _update_on_host(running_mean, running_var, to_host(mean), to_host(var), count,
                                momentum)
-    device_arrays = [a for a in (running_mean, running_var) if a is not None]
+    if not all(on_device):
+        raise TypeError("running_mean and running_var must both be device arrays or both "
+                        "host arrays on the cuda backend")
     with _call(*device_arrays) as stream:
         status = _workspace("status", (1,), np.int32, stream)
         _launch(k.update_running_stats, 1, THREADS_PER_BLOCK, stream,
@@ -730,7 +748,7 @@ def backward_reduce(dy3: Any, x3: Any, gamma: Any, beta: Any, mean: Any, invstd:
                 shared_doubles=2 * threads)
         if blocks > 1:
             merge = _merge_threads(blocks)
-            _launch(k.sum_block_partials, min(features, MAX_BLOCKS), merge, stream, partials,
+            _launch(k.merge_gradient_partials, min(features, MAX_BLOCKS), merge, stream, partials,
                     blocks, invstd, grads, shared_doubles=2 * merge)
     return grads[0], grads[1]
 
@@ -760,26 +778,3 @@ def backward_elementwise(dy3: Any, x3: Any, gamma: Any, beta: Any, mean: Any, in
             _deliver(dres3, dresidual3, stream)
         return _deliver(dx3, out3, stream)
 
-
-# ----------------------------------------------------------------------------- until the pipeline
-# The functional API and layers on main still call the old contract's ``backward`` and
-# ``astype``; both go when fastbn/_pipeline.py lands (it calls only contract functions).
-def backward(dy3, x3, gamma, mean, invstd, batch_stats, out3=None):
-    """The old contract's backward: ``backward_reduce`` then ``backward_elementwise``."""
-    dgamma, dbeta = backward_reduce(dy3, x3, gamma, None, mean, invstd)
-    dx3 = backward_elementwise(dy3, x3, gamma, None, mean, invstd, dgamma, dbeta,
-                               x3.shape[0] * x3.shape[2], batch_stats, out3)
-    return dx3, dgamma, dbeta
-
-
-def astype(a, dtype):
-    """The old contract's cast of a contiguous device array (``a`` itself where it has
-    ``dtype``)."""
-    if a.dtype == np.dtype(dtype):
-        return a
-    with _call(a) as stream:
-        out = _allocate(a.shape, dtype, stream, like=a)
-        if a.size:
-            _launch(k.contiguous_copy, _blocks(a.size), THREADS_PER_BLOCK, stream,
-                    _reshape(a, (1, 1, a.size)), _reshape(out, (1, 1, a.size)))
-    return out

@@ -1,23 +1,23 @@
 """Numba ``@cuda.jit`` kernels of the ``"cuda"`` backend, the twin of ``cpu_kernels``.
 
-=================================== ======== ===============================================
-kernel / device function            pass     job
-=================================== ======== ===============================================
-``batch_moments_planar``            stats    stage 1: per-(feature, block) Welford partials
-``batch_moments_channels_last``     stats    stage 1, ``(rows, C)`` layout
-``merge_block_partials``            stats    stage 2: Chan-merge the partials -> mean, var
-``update_running_stats``            per-C    momentum update, all or nothing (one block)
-``normalize_coefficients`` (dev.)   per-C    invstd, scale, shift (``feature_math``)
-``scale_shift_planar``              forward  ``y = act(x*scale + shift [+ residual])``
-``scale_shift_channels_last``       forward  the same, ``(rows, C)`` layout
-``backward_reduce_planar``          backward stage 1: partial sums of g and g*(x - mean)
-``backward_reduce_channels_last``   backward stage 1, ``(rows, C)`` layout
-``sum_block_partials``              backward stage 2: sum the partials -> dgamma, dbeta
-``backward_coefficients`` (dev.)    per-C    dy_scale, x_scale, dx_shift (``feature_math``)
-``backward_elementwise_planar``     backward ``dx = g*dy_scale + x*x_scale + dx_shift``
-``backward_elementwise_channels_last`` bwd   the same, ``(rows, C)`` layout
-``contiguous_copy``                 input    strided 3-D view -> C-contiguous copy
-=================================== ======== ===============================================
+======================================  ========  ==========================================
+kernel (or device function)             pass      job
+======================================  ========  ==========================================
+``batch_moments_planar``                stats     stage 1: per-(feature, block) moments
+``batch_moments_channels_last``         stats     the same for ``(rows, C)``
+``merge_block_partials``                stats     stage 2: Chan-merge them -> mean, var
+``update_running_stats``                per-C     running averages, all or nothing
+``normalize_coefficients`` (device)     per-C     invstd, scale, shift (``feature_math``)
+``scale_shift_planar``                  forward   y = act(x*scale + shift [+ residual])
+``scale_shift_channels_last``           forward   the same for ``(rows, C)``
+``backward_reduce_planar``              backward  stage 1: partial sums of g, g*(x - mean)
+``backward_reduce_channels_last``       backward  the same for ``(rows, C)``
+``merge_gradient_partials``             backward  stage 2: sum them -> dgamma, dbeta
+``backward_coefficients`` (device)      per-C     dy_scale, x_scale, dx_shift
+``backward_elementwise_planar``         backward  dx = g*dy_scale + x*x_scale + dx_shift
+``backward_elementwise_channels_last``  backward  the same for ``(rows, C)``
+``contiguous_copy``                     input     strided 3-D view -> contiguous copy/cast
+======================================  ========  ==========================================
 
 Layouts of the canonical ``(outer, C, inner)`` view:
 
@@ -63,12 +63,21 @@ from __future__ import annotations
 
 from numba import cuda, float64
 
+try:  # numba-cuda >= 0.2x keeps its own copy of the config
+    from numba.cuda.core import config
+except ImportError:
+    from numba.core import config
+
 from . import feature_math
 
 LOADS = 8  # values a thread loads before it combines them (and a statistics chunk)
 # Kernels are cached on disk, like cpu_kernels, so a new process skips the NVVM compile of each
 # signature it has seen before (the cache is keyed by compute capability).
 KERNEL = dict(cache=True)
+# ptxas gives scale_shift_planar 164 registers a thread (float32, sm_90): one 256-thread block
+# per SM. Capped at 128 it needs 120 and spills nothing, so two blocks fit. (The backward
+# elementwise kernels spill at that cap, so they keep theirs.) Not a simulator option.
+CAPPED_KERNEL = KERNEL if config.ENABLE_CUDASIM else dict(KERNEL, max_registers=128)
 
 # ----------------------------------------------------------------------------- shared math
 device = cuda.jit(device=True)
@@ -345,9 +354,11 @@ def normalize_coefficients(mean, var, gamma, beta, c, eps):
 
 
 @cuda.jit(device=True)
-def affine_value(x, residual, index, scale, shift, with_residual):
-    """``x*scale + shift [+ residual]`` at ``index``, in float64 (rounded later, at the store)."""
-    v = float64(x[index]) * scale + shift
+def forward_value(x, residual, index, scale, shift, with_residual):
+    """``x*scale + shift [+ residual]`` at ``index``, in float64 (rounded later, at the store).
+    An explicit FMA, which the backward's recomputed ReLU mask uses too, so the two agree to
+    the bit whatever the compiler would contract."""
+    v = cuda.fma(float64(x[index]), scale, shift)
     if with_residual:
         v += float64(residual[index])
     return v
@@ -364,7 +375,7 @@ def activation(v, relu):
 # arithmetic is free on data-centre GPUs; each element is loaded in its dtype and rounded once
 # at the store. Every group is loaded completely before any of it is stored, so y may be x or
 # the residual itself.
-@cuda.jit(**KERNEL)
+@cuda.jit(**CAPPED_KERNEL)
 def scale_shift_planar(x, mean, var, gamma, beta, eps, residual, relu, y, invstd):
     """``y = act(x*scale + shift + residual)``; ``invstd[c]`` written by the feature's first
     block. An empty residual means none."""
@@ -378,17 +389,21 @@ def scale_shift_planar(x, mean, var, gamma, beta, eps, residual, relu, y, invstd
         inv, scale, shift = normalize_coefficients(mean, var, gamma, beta, c, eps)
         if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
             invstd[c] = inv
-        for o in range(first_o, outer, stride_o):
-            for i0 in range(cuda.threadIdx.x, inner, along * LOADS):
+        o = first_o
+        while o < outer:  # while, not range: no division per row
+            i0 = cuda.threadIdx.x
+            while i0 < inner:
                 for q in range(LOADS):
                     i = i0 + q * along
                     if i < inner:
-                        values[q] = affine_value(x, residual, (o, c, i), scale, shift,
+                        values[q] = forward_value(x, residual, (o, c, i), scale, shift,
                                                  with_residual)
                 for q in range(LOADS):
                     i = i0 + q * along
                     if i < inner:
                         y[o, c, i] = activation(values[q], relu)
+                i0 += along * LOADS
+            o += stride_o
 
 
 @cuda.jit(**KERNEL)
@@ -409,7 +424,7 @@ def scale_shift_channels_last(x, mean, var, gamma, beta, eps, residual, relu, y,
             for q in range(LOADS):
                 r = r0 + q * stride_r
                 if r < rows:
-                    values[q] = affine_value(x, residual, (r, c), scale, shift,
+                    values[q] = forward_value(x, residual, (r, c), scale, shift,
                                              with_residual)
             for q in range(LOADS):
                 r = r0 + q * stride_r
@@ -424,13 +439,13 @@ def scale_shift_channels_last(x, mean, var, gamma, beta, eps, residual, relu, y,
 # dtype, so the mask is exactly ``stored y > 0``. Ties (y == 0) get no gradient, as PyTorch's
 # threshold_backward.
 @cuda.jit(device=True)
-def gradient_and_x(dy, x, y, index, relu, with_y, scale, shift, floor):
+def masked_gradient(dy, x, y, index, relu, with_y, scale, shift, floor):
     """``(g, x)`` at ``index`` in float64: dy through the ReLU mask, read from y (``floor``
     0) or recomputed from x (``floor`` = ``relu_floor``)."""
     g = float64(dy[index])
     xv = float64(x[index])
     if relu:
-        value = float64(y[index]) if with_y else xv * scale + shift
+        value = float64(y[index]) if with_y else cuda.fma(xv, scale, shift)
         if not value > floor:
             g = 0.0
     return g, xv
@@ -462,7 +477,7 @@ def backward_reduce_planar(dy, x, y, mean, invstd, gamma, beta, relu, relu_floor
             loaded = 0
             for q in range(LOADS):
                 if j < n:
-                    g, xv = gradient_and_x(dy, x, y, (o, c, i), relu, with_y, scale, shift,
+                    g, xv = masked_gradient(dy, x, y, (o, c, i), relu, with_y, scale, shift,
                                            floor)
                     g_values[q] = g
                     x_values[q] = xv
@@ -506,7 +521,7 @@ def backward_reduce_channels_last(dy, x, y, mean, invstd, gamma, beta, relu, rel
                 loaded = 0
                 for q in range(LOADS):
                     if r < rows:
-                        g, xv = gradient_and_x(dy, x, y, (r, c), relu, with_y, scale, shift,
+                        g, xv = masked_gradient(dy, x, y, (r, c), relu, with_y, scale, shift,
                                                floor)
                         g_values[q] = g
                         x_values[q] = xv
@@ -522,7 +537,7 @@ def backward_reduce_channels_last(dy, x, y, mean, invstd, gamma, beta, relu, rel
 
 
 @cuda.jit(**KERNEL)
-def sum_block_partials(partials, blocks, invstd, grads):
+def merge_gradient_partials(partials, blocks, invstd, grads):
     """Stage 2: ``grads[:, c] = (dgamma, dbeta)`` from the first ``blocks`` partial sums of
     every feature. One block per feature (grid-strided)."""
     features = partials.shape[1]
@@ -568,12 +583,14 @@ def backward_elementwise_planar(dy, x, y, mean, invstd, gamma, beta, dgamma, dbe
         dy_scale, x_scale, dx_shift = backward_coefficients(mean, invstd, gamma, dgamma, dbeta,
                                                             c, count, batch_stats)
         scale, shift = forward_affine(gamma, beta, c, float64(mean[c]), float64(invstd[c]))
-        for o in range(first_o, outer, stride_o):
-            for i0 in range(cuda.threadIdx.x, inner, along * LOADS):
+        o = first_o
+        while o < outer:  # while, not range: no division per row
+            i0 = cuda.threadIdx.x
+            while i0 < inner:
                 for q in range(LOADS):
                     i = i0 + q * along
                     if i < inner:
-                        g, xv = gradient_and_x(dy, x, y, (o, c, i), relu, with_y, scale, shift,
+                        g, xv = masked_gradient(dy, x, y, (o, c, i), relu, with_y, scale, shift,
                                                floor)
                         g_values[q] = g
                         x_values[q] = xv
@@ -583,6 +600,8 @@ def backward_elementwise_planar(dy, x, y, mean, invstd, gamma, beta, dgamma, dbe
                         dx[o, c, i] = g_values[q] * dy_scale + x_values[q] * x_scale + dx_shift
                         if with_dresidual:
                             dresidual[o, c, i] = g_values[q]
+                i0 += along * LOADS
+            o += stride_o
 
 
 @cuda.jit(**KERNEL)
@@ -606,7 +625,7 @@ def backward_elementwise_channels_last(dy, x, y, mean, invstd, gamma, beta, dgam
             for q in range(LOADS):
                 r = r0 + q * stride_r
                 if r < rows:
-                    g, xv = gradient_and_x(dy, x, y, (r, c), relu, with_y, scale, shift,
+                    g, xv = masked_gradient(dy, x, y, (r, c), relu, with_y, scale, shift,
                                            floor)
                     g_values[q] = g
                     x_values[q] = xv
@@ -621,7 +640,8 @@ def backward_elementwise_channels_last(dy, x, y, mean, invstd, gamma, beta, dgam
 # ----------------------------------------------------------------------------- input copies
 @cuda.jit(**KERNEL)
 def contiguous_copy(source, target):
-    """``target[...] = source`` for a strided 3-D ``source`` and a C-contiguous ``target``."""
+    """``target[...] = source`` for a strided 3-D ``source`` and a C-contiguous ``target``
+    (of the same or another dtype: ``cuda.astype``)."""
     outer, features, inner = source.shape
     for j in range(cuda.grid(1), outer * features * inner, cuda.gridsize(1)):
         row = j // inner
@@ -633,5 +653,5 @@ def contiguous_copy(source, target):
 #: Every kernel (not device function), for the PTX checks in the tests.
 KERNELS = (batch_moments_planar, batch_moments_channels_last, merge_block_partials,
            update_running_stats, scale_shift_planar, scale_shift_channels_last,
-           backward_reduce_planar, backward_reduce_channels_last, sum_block_partials,
+           backward_reduce_planar, backward_reduce_channels_last, merge_gradient_partials,
            backward_elementwise_planar, backward_elementwise_channels_last, contiguous_copy)

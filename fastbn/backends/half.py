@@ -78,7 +78,8 @@ def narrow(value, like):
 def _widen(element):
     if element == types.uint16:
         return lambda element: half_to_float(element)
-    return lambda element: float(element)
+    # np.float64, not float(): Numba types float() of a float32 as float32.
+    return lambda element: np.float64(element)
 
 
 @overload(narrow, inline="always")

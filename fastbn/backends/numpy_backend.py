@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .host import (asarray, canonical, nonfinite_features, output_view, to_host, to_output,
+from .host import (asarray, astype, canonical, nonfinite_features, output_view, to_host, to_output,
                    unavailable_reason)
 
 NAME = "numpy"
 _REDUCE = (0, 2)  # every axis of (outer, C, inner) but the features
 __all__ = ["NAME", "unavailable_reason", "asarray", "canonical", "output_view", "empty",
-           "to_output", "to_host", "moments", "nonfinite_features", "update_running_stats",
+           "astype", "to_output", "to_host", "moments", "nonfinite_features", "update_running_stats",
            "normalize", "backward_reduce", "backward_elementwise"]
 
 

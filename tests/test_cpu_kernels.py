@@ -1,0 +1,355 @@
+"""The cpu backend module and its kernels against the float64 reference (tests/reference.py).
+
+Every contract function on both layouts (planar: inner > 1, channels-last: inner == 1), run
+three ways: serially (small inputs), threaded with chunks and blocks shrunk so that every
+thread sees many of them, and serially split into 7 per-thread partials (what a forked child
+does), so the merges of partials are exercised beyond the machine's thread count.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+from fastbn.backends import cpu, cpu_kernels
+from fastbn.backends.half import float_to_half, half_to_float
+
+# (shape3 of the canonical view): planar and channels-last, with odd sizes.
+SHAPES3 = [(5, 3, 37), (2, 4, 1000), (300, 5, 1), (9, 129, 1)]
+DTYPES = [np.float64, np.float32, np.float16]
+EPS = 1e-5
+
+
+@pytest.fixture(params=["serial", "threaded", "partials"])
+def mode(request, monkeypatch):
+    """How the kernels run: see the module docstring."""
+    if request.param in ("threaded", "partials"):
+        monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
+        monkeypatch.setattr(cpu_kernels, "PLANAR_CHUNK", 16)
+        monkeypatch.setattr(cpu_kernels, "BLOCK_ELEMENTS", 8)
+        monkeypatch.setattr(cpu_kernels, "MIN_BLOCK_ROWS", 1)
+    if request.param == "partials":
+        monkeypatch.setattr(cpu, "_forked_child", True)
+        monkeypatch.setattr(cpu.numba, "get_num_threads", lambda: 7)
+    return request.param
+
+
+def _inputs(shape3, dtype, seed=0, offset=3.0, spread=2.0):
+    rng = np.random.default_rng(seed)
+    C = shape3[1]
+    x = ref.random_array(shape3, dtype, seed, offset, spread)
+    dy = ref.random_array(shape3, dtype, seed + 1)
+    return x, dy, rng.uniform(0.5, 2.0, C), rng.standard_normal(C)
+
+
+def _f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+@pytest.mark.parametrize("shape3", SHAPES3)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moments(mode, shape3, dtype):
+    x, _, _, _ = _inputs(shape3, dtype)
+    mean, var = cpu.moments(x)
+    expected_mean, expected_var = ref.moments(x, 1)
+    assert mean.dtype == var.dtype == np.float64 and mean.shape == (shape3[1],)
+    ref.assert_close(mean, expected_mean, np.float64, what="mean")
+    ref.assert_close(var, expected_var, np.float64, what="var")
+
+
+@pytest.mark.parametrize("shape3", SHAPES3)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", ["plain", "relu", "residual", "residual+relu"])
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_forward_and_backward_match_reference(mode, shape3, dtype, fused, batch_stats):
+    x, dy, gamma, beta = _inputs(shape3, dtype)
+    residual = ref.random_array(shape3, dtype, seed=9) if "residual" in fused else None
+    relu = "relu" in fused
+    mean, var = ref.moments(x, 1)
+    if not batch_stats:
+        var = var * 1.5 + 0.1  # running statistics, unlike the batch's
+    y3, invstd = cpu.normalize(x, mean, var, gamma, beta, EPS, None, residual, relu)
+    expected_y, _, expected_invstd = ref.forward_fused(x, gamma, beta, EPS, 1, residual, relu,
+                                                       mean, var)
+    assert y3.dtype == dtype and y3.shape == shape3
+    ref.assert_close(y3, expected_y, dtype, what="y")
+    np.testing.assert_allclose(invstd, expected_invstd, rtol=1e-15)
+
+    y_for_mask = y3 if residual is not None else None  # without a residual: recomputed
+    dgamma, dbeta = cpu.backward_reduce(dy, x, gamma, beta, mean, invstd, relu, y_for_mask)
+    expected = ref.backward_fused(dy, x, gamma, beta, EPS, 1, residual, relu,
+                                  None if batch_stats else mean, None if batch_stats else var)
+    scale = np.abs(_f64(dy)).sum() / shape3[1]
+    ref.assert_close(dgamma, expected[1], dtype, scale, what="dgamma")
+    ref.assert_close(dbeta, expected[2], dtype, scale, what="dbeta")
+    dresidual = cpu.empty(shape3, x.dtype) if residual is not None else None
+    dx3 = cpu.backward_elementwise(dy, x, gamma, beta, mean, invstd, dgamma, dbeta,
+                                   shape3[0] * shape3[2], batch_stats, None, relu, y_for_mask,
+                                   dresidual)
+    assert dx3.dtype == dtype and dx3.shape == shape3
+    ref.assert_close(dx3, expected[0], dtype, what="dx")
+    if dresidual is not None:
+        np.testing.assert_array_equal(_f64(dresidual), expected[3])  # g itself: dy or 0
+
+
+@pytest.mark.parametrize("shape3", SHAPES3)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fused_matches_unfused_composition(mode, shape3, dtype):
+    """relu(bn(x) + r) fused against bn, then + r and ReLU; gradients against the unfused
+    backward given the masked dy."""
+    x, dy, gamma, beta = _inputs(shape3, dtype)
+    residual = ref.random_array(shape3, dtype, seed=4)
+    mean, var = cpu.moments(x)
+    y_fused, invstd = cpu.normalize(x, mean, var, gamma, beta, EPS, None, residual, True)
+    y_plain, _ = cpu.normalize(x, mean, var, gamma, beta, EPS)
+    unfused = np.maximum(y_plain + residual, 0)  # in dtype: two more roundings than fused
+    tol = 4 * np.finfo(dtype).eps
+    np.testing.assert_allclose(y_fused, unfused, rtol=0, atol=tol * np.abs(_f64(unfused)).max())
+
+    dgamma, dbeta = cpu.backward_reduce(dy, x, gamma, beta, mean, invstd, True, y_fused)
+    masked = np.where(y_fused > 0, dy, 0).astype(dtype)
+    plain_dgamma, plain_dbeta = cpu.backward_reduce(masked, x, gamma, beta, mean, invstd)
+    np.testing.assert_allclose(dgamma, plain_dgamma, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(dbeta, plain_dbeta, rtol=1e-13, atol=1e-13)
+    count = shape3[0] * shape3[2]
+    dresidual = np.empty_like(x)
+    dx = cpu.backward_elementwise(dy, x, gamma, beta, mean, invstd, dgamma, dbeta, count, True,
+                                  None, True, y_fused, dresidual)
+    plain_dx = cpu.backward_elementwise(masked, x, gamma, beta, mean, invstd, dgamma, dbeta,
+                                        count, True)
+    # Equal up to how the compiler associates the float64 sum (fast-math 'reassoc').
+    np.testing.assert_allclose(dx, plain_dx, rtol=tol, atol=tol * np.abs(_f64(plain_dx)).max())
+    np.testing.assert_array_equal(dresidual, masked)
+
+
+@pytest.mark.parametrize("shape3", SHAPES3)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_recomputed_relu_mask_agrees_bitwise_with_the_forward(mode, shape3, dtype):
+    """Without y, the backward recomputes y > 0 from x: it must be exactly the forward's y > 0,
+    also where y is tiny (beta puts many values near 0) and exactly 0 (ties)."""
+    x, dy, gamma, _ = _inputs(shape3, dtype)
+    mean, var = ref.moments(x, 1)
+    beta = np.zeros(shape3[1])
+    y3, invstd = cpu.normalize(x, mean, var, gamma, beta, EPS, None, None, True)
+    for y_given in (y3, None):
+        dgamma, dbeta = cpu.backward_reduce(dy, x, gamma, beta, mean, invstd, True, y_given)
+        dresidual = np.empty_like(x)
+        cpu.backward_elementwise(dy, x, gamma, beta, mean, invstd, dgamma, dbeta, 1, True, None,
+                                 True, y_given, dresidual)
+        np.testing.assert_array_equal(dresidual, np.where(y3 > 0, dy, 0).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape3", [(3, 2, 4), (12, 2, 1)])
+def test_relu_ties_have_zero_gradient(mode, dtype, shape3):
+    """Values exactly at the mean normalize to exactly 0: threshold_backward gives 0 there."""
+    values = np.array([-2.0, -1.0, 0.0, 0.0, 1.0, 2.0] * 2)  # mean exactly 0
+    rows = np.stack([values, 3.0 * values[::-1]], axis=1)  # (12 values, 2 features)
+    outer, features, inner = shape3
+    x = np.ascontiguousarray(rows.reshape(outer, inner, features).transpose(0, 2, 1))
+    x = x.astype(dtype)
+    dy = np.ones_like(x)
+    mean, var = cpu.moments(x)
+    y3, invstd = cpu.normalize(x, mean, var, None, None, EPS, None, None, True)
+    assert np.count_nonzero(y3 == 0) == np.count_nonzero(_f64(x) <= 0)
+    for y_given in (y3, None):
+        dgamma, dbeta = cpu.backward_reduce(dy, x, None, None, mean, invstd, True, y_given)
+        np.testing.assert_array_equal(dbeta, np.count_nonzero(_f64(y3) > 0, axis=(0, 2)))
+        dresidual = np.empty_like(x)
+        cpu.backward_elementwise(dy, x, None, None, mean, invstd, dgamma, dbeta, x.size // 2,
+                                 True, None, True, y_given, dresidual)
+        np.testing.assert_array_equal(dresidual, (_f64(x) > 0).astype(dtype))
+
+
+@pytest.mark.parametrize("shape3", [(7, 3, 50), (200, 3, 1)])
+def test_outputs_may_alias_inputs(mode, shape3):
+    x, dy, gamma, beta = _inputs(shape3, np.float32)
+    residual = ref.random_array(shape3, np.float32, seed=3)
+    mean, var = cpu.moments(x)
+    expected_y, invstd = cpu.normalize(x, mean, var, gamma, beta, EPS, None, residual, True)
+    over_x, over_residual = x.copy(), residual.copy()
+    assert cpu.normalize(over_x, mean, var, gamma, beta, EPS, over_x, residual, True)[0] is over_x
+    cpu.normalize(x, mean, var, gamma, beta, EPS, over_residual, over_residual, True)
+    np.testing.assert_array_equal(over_x, expected_y)
+    np.testing.assert_array_equal(over_residual, expected_y)
+
+    dgamma, dbeta = cpu.backward_reduce(dy, x, gamma, beta, mean, invstd, True, expected_y)
+    args = (gamma, beta, mean, invstd, dgamma, dbeta, x.size // 3, True)
+    expected_dx = cpu.backward_elementwise(dy, x, *args, None, True, expected_y)
+    for target in ("dy", "x"):
+        dy_copy, x_copy = dy.copy(), x.copy()
+        out = dy_copy if target == "dy" else x_copy
+        dresidual = np.empty_like(x)
+        cpu.backward_elementwise(dy_copy, x_copy, *args, out, True, expected_y, dresidual)
+        np.testing.assert_array_equal(out, expected_dx, err_msg=target)
+        np.testing.assert_array_equal(dresidual, np.where(expected_y > 0, dy, 0))
+
+
+@pytest.mark.parametrize("shape3", [(4, 3, 3000), (4000, 3, 1)])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_float16_within_two_ulp_including_large_offsets(mode, shape3, offset):
+    """float16 in and out, statistics and coefficients in float64, |mean|/std up to 1e3."""
+    x, dy, gamma, beta = _inputs(shape3, np.float16, seed=2, offset=offset, spread=1.0)
+    mean, var = cpu.moments(x)
+    expected_mean, expected_var = ref.moments(x, 1)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-12)
+    np.testing.assert_allclose(var, expected_var, rtol=1e-9)
+    y3, invstd = cpu.normalize(x, mean, var, gamma, beta, EPS, None, None, True)
+    expected_y, _, _ = ref.forward_fused(x, gamma, beta, EPS, 1, None, True)
+    ref.assert_close(y3, expected_y, np.float16, what="y")
+    dgamma, dbeta = cpu.backward_reduce(dy, x, gamma, beta, mean, invstd, True)
+    dx = cpu.backward_elementwise(dy, x, gamma, beta, mean, invstd, dgamma, dbeta,
+                                  shape3[0] * shape3[2], True, None, True)
+    expected = ref.backward_fused(dy, x, gamma, beta, EPS, 1, None, True)
+    assert dx.dtype == np.float16
+    ref.assert_close(dx, expected[0], np.float16, what="dx")
+    scale = np.abs(_f64(dy)).sum() / shape3[1]
+    ref.assert_close(dgamma, expected[1], np.float64, scale, what="dgamma")
+
+
+def test_every_half_decodes_exactly():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    expected = bits.view(np.float16).astype(np.float64)
+    decoded = np.array([half_to_float(b) for b in bits])
+    np.testing.assert_array_equal(decoded, expected)  # NaN == NaN here, signs of zero too
+    assert np.array_equal(np.signbit(decoded), np.signbit(expected))
+
+
+def test_rounding_to_half_is_nearest_even_everywhere():
+    """Every finite half, every midpoint between neighbours (ties), just off the midpoints, the
+    overflow threshold, subnormals, infinities and NaN, against NumPy's float64 -> float16."""
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+    finite = np.unique(halves[np.isfinite(halves)])
+    midpoints = (finite[1:] + finite[:-1]) / 2
+    values = np.concatenate([finite, midpoints, np.nextafter(midpoints, np.inf),
+                             np.nextafter(midpoints, -np.inf),
+                             [65519.99, 65520.0, -65520.0, 1e300, 2.0**-25, 2.0**-26, 1e-300,
+                              -0.0, np.inf, -np.inf, np.nan]])
+    encoded = np.array([float_to_half(v) for v in values], dtype=np.uint16)
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16).view(np.uint16)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(encoded[~nan], expected[~nan])
+    assert np.isnan(encoded[nan].view(np.float16)).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(outer=st.integers(1, 6), features=st.integers(1, 5), inner=st.integers(1, 40),
+       dtype=st.sampled_from(DTYPES), relu=st.booleans())
+def test_random_shapes_against_reference(outer, features, inner, dtype, relu):
+    shape3 = (outer, features, inner)
+    if outer * inner < 2:
+        return  # one value per feature: no batch statistics
+    x, dy, gamma, beta = _inputs(shape3, dtype, seed=outer * 100 + inner)
+    mean, var = cpu.moments(x)
+    y3, invstd = cpu.normalize(x, mean, var, gamma, beta, EPS, None, None, relu)
+    ref.assert_close(y3, ref.forward_fused(x, gamma, beta, EPS, 1, None, relu)[0], dtype,
+                     what="y")
+    dgamma, dbeta = cpu.backward_reduce(dy, x, gamma, beta, mean, invstd, relu)
+    dx = cpu.backward_elementwise(dy, x, gamma, beta, mean, invstd, dgamma, dbeta,
+                                  outer * inner, True, None, relu)
+    ref.assert_close(dx, ref.backward_fused(dy, x, gamma, beta, EPS, 1, None, relu)[0], dtype,
+                     what="dx")
+
+
+@pytest.mark.parametrize("running_dtype", [np.float32, np.float64])
+def test_update_running_stats(running_dtype):
+    running_mean = np.full(3, 0.5, running_dtype)
+    running_var = np.full(3, 2.0, running_dtype)
+    mean, var = np.array([1.0, -2.0, 3.0]), np.array([1.0, 4.0, 0.5])
+    assert cpu.update_running_stats(running_mean, running_var, mean, var, 5, 0.1) is True
+    np.testing.assert_array_equal(running_mean, (0.9 * 0.5 + 0.1 * mean).astype(running_dtype))
+    np.testing.assert_array_equal(running_var,
+                                  (0.9 * 2.0 + 0.1 * var * (5 / 4)).astype(running_dtype))
+    assert cpu.update_running_stats(None, running_var, mean, var, 5, 0.1) is True
+    assert cpu.update_running_stats(running_mean, None, mean, var, 5, 0.1) is True
+
+
+@pytest.mark.parametrize("bad", ["var", "mean", "nan"])
+def test_update_running_stats_refuses_what_its_dtype_cannot_hold(bad):
+    """float32 running_var with a batch var of 1e39 (finite in float64): nothing is written,
+    not even the running mean, whose update would fit."""
+    running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    mean, var = np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 1.0])
+    if bad == "var":
+        var[1] = 1e39
+    elif bad == "mean":
+        mean[2] = -1e40
+    else:
+        var[0] = np.nan
+    assert cpu.update_running_stats(running_mean, running_var, mean, var, 8, 0.5) is False
+    np.testing.assert_array_equal(running_mean, 0.0)
+    np.testing.assert_array_equal(running_var, 1.0)
+    wide_mean, wide_var = np.zeros(3), np.ones(3)
+    fits = bad != "nan"  # 1e39 and -1e40 are finite in float64
+    assert cpu.update_running_stats(wide_mean, wide_var, mean, var, 8, 0.5) is fits
+
+
+def test_nonfinite_features():
+    mean = np.array([0.0, np.nan, 1.0, 2.0])
+    var = np.array([1.0, 1.0, np.inf, 1.0])
+    bad = cpu.nonfinite_features(mean, var)
+    assert bad.dtype == np.int64 and bad.tolist() == [1, 2]
+    assert cpu.nonfinite_features(np.zeros(3), np.ones(3)).tolist() == []
+
+
+def test_kernel_table_lists_the_kernels_in_file_order():
+    """The table at the top of cpu_kernels.py names every kernel, in definition order."""
+    table = cpu_kernels.__doc__.split("\n=")[2]  # between the header's rule and the last
+    listed = [line.split("``")[1] for line in table.splitlines() if line.startswith("``")]
+    source = open(cpu_kernels.__file__).read()
+    assert listed and all(hasattr(cpu_kernels, name) for name in listed)
+    assert listed == sorted(listed, key=lambda name: source.index(f"\ndef {name}("))
+
+
+FORK_SCRIPT = """
+import multiprocessing as mp
+import numpy as np
+from fastbn.backends import cpu
+
+def step(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((16, 8, 4096)).astype(np.float64) * 3 + 1   # threaded size
+    dy = rng.standard_normal(x.shape)
+    rows = np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(-1, 8, 1)
+    out = []
+    for x3, dy3 in ((x, dy), (rows, np.ascontiguousarray(dy.transpose(0, 2, 1)).reshape(-1, 8, 1))):
+        mean, var = cpu.moments(x3)
+        y, invstd = cpu.normalize(x3, mean, var, None, None, 1e-5, None, None, True)
+        dgamma, dbeta = cpu.backward_reduce(dy3, x3, None, None, mean, invstd, True)
+        dx = cpu.backward_elementwise(dy3, x3, None, None, mean, invstd, dgamma, dbeta,
+                                      x3.shape[0] * x3.shape[2], True, None, True)
+        out += [mean, var, y, dgamma, dbeta, dx]
+    return out
+
+def child(parent):
+    same = all(np.array_equal(a, b) for a, b in zip(parent, step(0)))
+    raise SystemExit(0 if same else 3)
+
+if __name__ == "__main__":
+    import numba
+    parent = step(0)                      # the threaded kernels run here first
+    codes = []
+    for _ in range(2):
+        process = mp.get_context("fork").Process(target=child, args=(parent,))
+        process.start()
+        process.join(300)
+        codes.append(process.exitcode)
+    print(numba.threading_layer(), *codes)
+"""
+
+
+def test_forked_child_gets_the_same_results():
+    """A child forked after the threaded kernels ran (GNU OpenMP aborts a forked child's
+    parallel region) computes serially, in the parent's partials: bitwise the same."""
+    run = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    layer, *exit_codes = run.stdout.split()
+    assert exit_codes == ["0", "0"], f"{layer} layer; child exit codes {exit_codes} (3: differ)"
