@@ -56,8 +56,10 @@ def write_plot(results: dict, rows: list[Row], path: Path) -> bool:
                             else getattr(row.speedups.get("torch"), "value", None))
                         heights.append(value or 0.0)
                     if cases and any(heights):
+                        # one colour per implementation in every panel, whichever bars it has
                         ax.bar([c + (k - (len(shown) - 1) / 2) * width
-                                for c in range(len(cases))], heights, width, label=impl)
+                                for c in range(len(cases))], heights, width, label=impl,
+                               color=f"C{impls.index(impl)}")
                 labels = [next(r.label for r in group if r.case == c) for c in cases]
                 ax.set_xticks(range(len(cases)))
                 ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
