@@ -16,7 +16,7 @@ def backends() -> list[str]:
     return fastbn.available_backends()
 
 
-def random_array(shape, dtype=np.float64, seed=0, offset=0.0, spread=1.0):
+def random_array(shape, dtype=np.float64, seed=0, offset=3.0, spread=2.0):
     """``offset + spread * N(0, 1)`` of ``shape`` in ``dtype``: the tests' one input maker."""
     rng = np.random.default_rng(seed)
     return (offset + spread * rng.standard_normal(shape)).astype(dtype)
