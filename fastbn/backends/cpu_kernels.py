@@ -147,17 +147,6 @@ def _rows_of(a):
     return lambda a: a.reshape(a.shape[0], a.shape[1])
 
 
-def row_of(a, r):
-    """Row ``a[r]`` of an optional 2-D array (None stays None)."""
-
-
-@overload(row_of, inline="always")
-def _row_of(a, r):
-    if isinstance(a, nb_types.NoneType):
-        return lambda a, r: None
-    return lambda a, r: a[r]
-
-
 @njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH)
 def pivoted_chunk_moments(run, pivot):
     """Count, mean and sum of squared deviations of a 1-D run, in one pass of sums shifted by
@@ -392,11 +381,11 @@ def nonfinite_count(mean, var):
 # would carry an absolute error of |mean|/std * 6e-8. The pass is memory-bound, so the wider
 # arithmetic is free; each element is loaded in its dtype and rounded once at the store.
 @njit(inline="always", **HELPER)
-def forward_value(x_run, residual_run, i, scale, shift, relu):
-    """``act(x*scale + shift [+ residual])`` of element i, in float64 (ReLU keeps NaN)."""
-    value = widen(x_run[i]) * scale + shift
-    if residual_run is not None:
-        value += widen(residual_run[i])
+def forward_value(x, residual, at, scale, shift, relu):
+    """``act(x*scale + shift [+ residual])`` of element ``at``, in float64 (ReLU keeps NaN)."""
+    value = widen(x[at]) * scale + shift
+    if residual is not None:
+        value += widen(residual[at])
     if relu:
         value = 0.0 if value < 0.0 else value
     return value
@@ -435,15 +424,10 @@ def scale_shift_planar(x, mean, var, gamma, beta, eps, residual, relu, chunk, y,
 
 
 @njit(**HELPER)
-def scale_shift_row(x_row, residual_row, scale, shift, relu, y_row):
-    for c in range(x_row.size):
-        y_row[c] = narrow(forward_value(x_row, residual_row, c, scale[c], shift[c], relu), y_row)
-
-
-@njit(**HELPER)
 def scale_shift_items_channels_last(x, residual, scale, shift, relu, lo, hi, y):
     for r in range(lo, hi):
-        scale_shift_row(x[r], row_of(residual, r), scale, shift, relu, y[r])
+        for c in range(x.shape[1]):
+            y[r, c] = narrow(forward_value(x, residual, (r, c), scale[c], shift[c], relu), y)
 
 
 @threaded_and_serial
@@ -463,18 +447,18 @@ def scale_shift_channels_last(x3, mean, var, gamma, beta, eps, residual3, relu, 
 
 # ----------------------------------------------------------------------------- backward
 @njit(inline="always", **HELPER)
-def masked_gradient(dy_run, x_run, y_run, i, relu, scale, shift):
-    """``g = dy`` of element i, zeroed where the forward's ReLU output was not > 0.
+def masked_gradient(dy, x, y, at, relu, scale, shift):
+    """``g = dy`` of element ``at``, zeroed where the forward's ReLU output was not > 0.
 
     The mask is ``y > 0`` from the forward output, or, without it, the same expression the
     forward computed (``x*scale + shift`` rounded to the dtype), so it agrees bit for bit.
     """
-    g = widen(dy_run[i])
+    g = widen(dy[at])
     if relu:
-        if y_run is None:
-            positive = widen(narrow(widen(x_run[i]) * scale + shift, x_run)) > 0.0
+        if y is None:
+            positive = widen(narrow(widen(x[at]) * scale + shift, x)) > 0.0
         else:
-            positive = widen(y_run[i]) > 0.0
+            positive = widen(y[at]) > 0.0
         g = g if positive else 0.0
     return g
 
@@ -538,19 +522,13 @@ def backward_reduce_planar(dy, x, gamma, beta, mean, invstd, relu, y, chunk, dga
 
 
 @njit(**HELPER)
-def backward_reduce_row(dy_row, x_row, y_row, mean, relu, scale, shift, sum_g, sum_g_xmu):
-    for c in range(x_row.size):
-        g = masked_gradient(dy_row, x_row, y_row, c, relu, scale[c], shift[c])
-        sum_g[c] += g
-        sum_g_xmu[c] += g * (widen(x_row[c]) - mean[c])
-
-
-@njit(**HELPER)
 def backward_reduce_items_channels_last(dy, x, y, mean, relu, scale, shift, lo, hi,
                                         sum_g, sum_g_xmu):
     for r in range(lo, hi):
-        backward_reduce_row(dy[r], x[r], row_of(y, r), mean, relu, scale, shift,
-                            sum_g, sum_g_xmu)
+        for c in range(x.shape[1]):
+            g = masked_gradient(dy, x, y, (r, c), relu, scale[c], shift[c])
+            sum_g[c] += g
+            sum_g_xmu[c] += g * (widen(x[r, c]) - mean[c])
 
 
 @threaded_and_serial
@@ -594,12 +572,12 @@ def backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count, batch_stat
 
 
 @njit(inline="always", **HELPER)
-def backward_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift, dy_scale, x_scale,
-                     dx_shift, dx_run, dresidual_run):
-    g = masked_gradient(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift)
-    if dresidual_run is not None:
-        dresidual_run[i] = narrow(g, dresidual_run)
-    dx_run[i] = narrow(g * dy_scale + widen(x_run[i]) * x_scale + dx_shift, dx_run)
+def backward_element(dy, x, y, at, relu, mask_scale, mask_shift, dy_scale, x_scale, dx_shift,
+                     dx, dresidual):
+    g = masked_gradient(dy, x, y, at, relu, mask_scale, mask_shift)
+    if dresidual is not None:
+        dresidual[at] = narrow(g, dresidual)
+    dx[at] = narrow(g * dy_scale + widen(x[at]) * x_scale + dx_shift, dx)
 
 
 @njit(**HELPER)
@@ -640,19 +618,13 @@ def backward_elementwise_planar(dy, x, gamma, beta, mean, invstd, dgamma, dbeta,
 
 
 @njit(**HELPER)
-def backward_elementwise_row(dy_row, x_row, y_row, relu, coefficients, dx_row, dresidual_row):
-    for c in range(x_row.size):
-        backward_element(dy_row, x_row, y_row, c, relu, coefficients[0, c], coefficients[1, c],
-                         coefficients[2, c], coefficients[3, c], coefficients[4, c], dx_row,
-                         dresidual_row)
-
-
-@njit(**HELPER)
 def backward_elementwise_items_channels_last(dy, x, y, relu, coefficients, lo, hi, dx,
                                              dresidual):
     for r in range(lo, hi):
-        backward_elementwise_row(dy[r], x[r], row_of(y, r), relu, coefficients, dx[r],
-                                 row_of(dresidual, r))
+        for c in range(x.shape[1]):
+            backward_element(dy, x, y, (r, c), relu, coefficients[0, c], coefficients[1, c],
+                             coefficients[2, c], coefficients[3, c], coefficients[4, c], dx,
+                             dresidual)
 
 
 @threaded_and_serial
