@@ -10,6 +10,12 @@ Every pass runs the same steps in the same order, and only this module calls the
     update       backend.update_running_stats (all or nothing)
     kernel       backend.normalize / backward_reduce + backward_elementwise
 
+In one process, statistics, checks, update and kernel are one call, ``backend.forward_train``
+(and ``backend.backward`` for both backward passes), which runs exactly these steps
+(``backends/composed.py``) and lets the cpu backend fuse them into one compiled call on small
+inputs, where each call's overhead costs as much as its work. Under MPI the pipeline runs the
+steps itself, merging the statistics (and the gradient sums) across ranks in between.
+
 The functional API validates its arguments and calls these functions; a layer holds its state
 (parameters, gradients, buffers, what the backward needs) and calls the same functions. Backends
 know nothing about either (``fastbn/backends/contract.py``).
@@ -24,6 +30,7 @@ import numpy as np
 
 from . import _checks
 from .backends import load
+from .backends.contract import NONFINITE_STATISTICS, RUNNING_OVERFLOW
 
 # Validation learned per (shape, dtype, axis, num_features, ndims, allow_empty): the canonical
 # shape. A hit skips every check on x's structure (the key is what they depend on).
@@ -188,8 +195,13 @@ def update_running(inp: Input, running_mean: Any, running_var: Any, mean: Any, v
         return
     if inp.backend.update_running_stats(running_mean, running_var, mean, var, count, factor):
         return
+    raise _overflow_error(inp, running_mean, running_var, mean, var)
+
+
+def _overflow_error(inp: Input, running_mean: Any, running_var: Any, mean: Any,
+                    var: Any) -> FloatingPointError:
     dtype = (running_var if running_var is not None else running_mean).dtype
-    raise FloatingPointError(
+    return FloatingPointError(
         f"the batch statistics overflow the running statistics' dtype {dtype} (the updated "
         f"running_mean or running_var would be infinite; largest batch variance "
         f"{float(np.max(inp.backend.to_host(var))):.3g}, largest |mean| "
@@ -214,6 +226,16 @@ def forward_train(inp: Input, gamma: Any, beta: Any, eps: float, out3: Any = Non
                   ) -> tuple[Any, Any, Any, int]:
     """Training forward: ``(y3, mean, invstd, count)`` with ``count`` the batch's values per
     feature (every rank's under MPI). Running statistics are updated with weight ``factor``."""
+    if comm is None:
+        # One backend call (the backend runs the steps below, fused where it can).
+        _checks.check_training_count(inp.shape, inp.count)
+        y3, mean, var, invstd, status = inp.backend.forward_train(
+            inp.x3, gamma, beta, eps, running_mean, running_var, factor, out3, residual3, relu)
+        if status == NONFINITE_STATISTICS:
+            raise _nonfinite_error(inp, inp.backend.nonfinite_features(mean, var), None)
+        if status == RUNNING_OVERFLOW:
+            raise _overflow_error(inp, running_mean, running_var, mean, var)
+        return y3, mean, invstd, inp.count
     mean, var, count = batch_statistics(inp, comm)
     update_running(inp, running_mean, running_var, mean, var, count, factor)
     y3, invstd = normalize(inp, mean, var, gamma, beta, eps, out3, residual3, relu)
@@ -229,6 +251,11 @@ def backward(inp: Input, dy3: Any, gamma: Any, beta: Any, mean: Any, invstd: Any
     unless ``want_dresidual`` and ``relu`` (without ReLU the residual's gradient is dy)."""
     backend = inp.backend
     x3 = inp.fresh_x3()
+    dresidual3 = backend.empty(inp.shape3, inp.array.dtype) if (want_dresidual and relu) else None
+    if comm is None and inp.count:
+        dx3, dgamma, dbeta = backend.backward(dy3, x3, gamma, beta, mean, invstd, count,
+                                              batch_stats, out3, relu, y3, dresidual3)
+        return dx3, dgamma, dbeta, dresidual3
     if inp.count:
         dgamma, dbeta = backend.backward_reduce(dy3, x3, gamma, beta, mean, invstd, relu, y3)
     else:
@@ -240,7 +267,6 @@ def backward(inp: Input, dy3: Any, gamma: Any, beta: Any, mean: Any, invstd: Any
             comm, inp.count, backend.to_host(dgamma), backend.to_host(dbeta))
         total_dgamma = backend.asarray(total_dgamma, "dgamma")
         total_dbeta = backend.asarray(total_dbeta, "dbeta")
-    dresidual3 = backend.empty(inp.shape3, inp.array.dtype) if (want_dresidual and relu) else None
     if inp.count == 0:
         dx3 = out3 if out3 is not None else backend.empty(inp.shape3, inp.array.dtype)
     else:

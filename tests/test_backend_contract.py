@@ -6,11 +6,13 @@ same cases on its canonical views, compared with the float64 reference in tests/
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 import reference as ref
-from fastbn.backends import contract, load
+from fastbn.backends import composed, contract, load
 
 BACKENDS = ref.backends()
 # (shape, axis): planar (inner > 1) and channels-last (inner == 1) canonical views.
@@ -218,3 +220,79 @@ def test_empty_and_to_host(backend):
     a = backend.empty((2, 3, 4), np.dtype(np.float32))
     host = backend.to_host(a)
     assert isinstance(host, np.ndarray) and host.shape == (2, 3, 4) and host.dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- whole passes
+def _assert_same_pass(results, dtypes):
+    """The whole pass against its composed steps, to a few units of rounding of each result's
+    dtype at its scale. Not bitwise: where the cpu backend fuses the steps into one call, LLVM
+    may vectorize a reassociated float64 reduction in another order."""
+    for got, composed_result, dtype in zip(*results, dtypes):
+        bound = 4 * np.finfo(dtype).eps * np.abs(composed_result).max()
+        np.testing.assert_allclose(got, composed_result, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", ["plain", "relu", "residual+relu"])
+def test_forward_train_is_its_composition(backend, shape, axis, dtype, fused):
+    """The whole pass gives bitwise what its steps give (the cpu backend fuses them)."""
+    x, gamma, beta = _data(shape, axis, dtype)
+    shape3 = _shape3(shape, axis)
+    residual = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    residual3 = _view(backend, residual, shape3) if "residual" in fused else None
+    x3 = _view(backend, x, shape3)
+    results = []
+    for run in (backend.forward_train, partial(composed.forward_train, backend)):
+        running = [backend.asarray(np.full(shape3[1], v, np.float32), "r") for v in (0.5, 2.0)]
+        y3, mean, var, invstd, status = run(x3, gamma, beta, 1e-5, *running, 0.25, None,
+                                            residual3, "relu" in fused)
+        assert status == contract.FORWARD_DONE
+        results.append([_host(backend, a) for a in (y3, mean, var, invstd, *running)])
+    _assert_same_pass(results, [dtype, np.float64, np.float64, np.float64, np.float32,
+                                np.float32])
+    expected_mean, expected_var = ref.moments(x, axis)
+    ref.assert_close(results[0][1], expected_mean, _statistics_dtype(backend, dtype), what="mean")
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 3, 7), 1), ((13, 4), 1)])
+def test_forward_train_reports_and_writes_nothing(backend, shape, axis):
+    x, gamma, beta = _data(shape, axis, np.float64)
+    shape3 = _shape3(shape, axis)
+    running_mean = backend.asarray(np.zeros(shape3[1], np.float32), "rm")
+    running_var = backend.asarray(np.ones(shape3[1], np.float32), "rv")
+    out = np.full(shape, 7.0)
+    out3 = backend.output_view(backend.asarray(out, "out"), shape3, "out")
+    nan_x = x.copy()
+    nan_x.flat[1] = np.nan
+    huge_x = x * 1e22  # finite statistics in float64, an overflowing float32 running variance
+    for data, status in ((nan_x, contract.NONFINITE_STATISTICS),
+                         (huge_x, contract.RUNNING_OVERFLOW)):
+        result = backend.forward_train(_view(backend, data, shape3), gamma, beta, 1e-5,
+                                       running_mean, running_var, 0.5, out3)
+        assert result[4] == status
+        np.testing.assert_array_equal(backend.to_host(running_mean), 0.0)
+        np.testing.assert_array_equal(backend.to_host(running_var), 1.0)
+        np.testing.assert_array_equal(backend.to_host(out3).reshape(shape), 7.0)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", ["plain", "relu", "residual+relu"])
+def test_backward_is_its_composition(backend, shape, axis, dtype, fused):
+    x, gamma, beta = _data(shape, axis, dtype)
+    shape3 = _shape3(shape, axis)
+    dy = np.random.default_rng(7).standard_normal(shape).astype(dtype)
+    x3, dy3 = _view(backend, x, shape3), _view(backend, dy, shape3)
+    mean, var = ref.moments(x, axis)
+    m, s = backend.asarray(mean, "mean"), backend.asarray(1.0 / np.sqrt(var + 1e-5), "invstd")
+    relu, with_residual = "relu" in fused, "residual" in fused
+    y3 = _view(backend, np.maximum(x, 3.0).astype(dtype), shape3) if with_residual else None
+    results = []
+    for run in (backend.backward, partial(composed.backward, backend)):
+        dresidual3 = backend.empty(shape3, np.dtype(dtype)) if with_residual else None
+        dx3, dgamma, dbeta = run(dy3, x3, gamma, beta, m, s, shape3[0] * shape3[2], True,
+                                 None, relu, y3, dresidual3)
+        arrays = (dx3, dgamma, dbeta) + ((dresidual3,) if with_residual else ())
+        results.append([_host(backend, a) for a in arrays])
+    _assert_same_pass(results, [dtype, np.float64, np.float64, dtype])

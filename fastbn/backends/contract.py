@@ -41,7 +41,13 @@ OPERATIONS = (
     "to_host",
     "moments", "nonfinite_features", "update_running_stats", "normalize",
     "backward_reduce", "backward_elementwise",
+    "forward_train", "backward",
 )
+
+#: What :meth:`Backend.forward_train` reports (plain ints: the cpu kernels return them too).
+FORWARD_DONE = 0            # statistics, running update and y written
+NONFINITE_STATISTICS = 1    # a feature's mean or variance is NaN/Inf: nothing else written
+RUNNING_OVERFLOW = 2        # a running statistic would overflow its dtype: nothing else written
 
 
 @runtime_checkable
@@ -144,6 +150,31 @@ class Backend(Protocol):
         ``g`` is masked as in :meth:`backward_reduce`. Where ``dresidual3`` is given it
         receives ``g`` (the gradient of the residual) in the same pass. ``out3`` (when given)
         receives dx and may be ``dy3`` or ``x3``. Returns dx's array.
+        """
+
+    # ------------------------------------------------------------------ whole passes
+    def forward_train(self, x3: Array3, gamma: Vector | None, beta: Vector | None, eps: float,
+                      running_mean: Vector | None, running_var: Vector | None,
+                      momentum: float, out3: Array3 | None = None,
+                      residual3: Array3 | None = None, relu: bool = False
+                      ) -> tuple[Array3 | None, Vector, Vector, Vector | None, int]:
+        """The training forward of one process: ``(y3, mean, var, invstd, status)``.
+
+        Exactly :func:`fastbn.backends.composed.forward_train`: :meth:`moments`, the finite
+        check, :meth:`update_running_stats` with ``count = outer * inner``, :meth:`normalize`;
+        a backend may run them as one call (the cpu backend does on small inputs). ``status``
+        is :data:`FORWARD_DONE`, or :data:`NONFINITE_STATISTICS` / :data:`RUNNING_OVERFLOW`,
+        where only ``mean`` and ``var`` are meaningful and nothing else was written.
+        """
+
+    def backward(self, dy3: Array3, x3: Array3, gamma: Vector | None, beta: Vector | None,
+                 mean: Vector, invstd: Vector, count: int, batch_stats: bool,
+                 out3: Array3 | None = None, relu: bool = False, y3: Array3 | None = None,
+                 dresidual3: Array3 | None = None) -> tuple[Array3, Vector, Vector]:
+        """The backward of one process: ``(dx3, dgamma, dbeta)``.
+
+        Exactly :func:`fastbn.backends.composed.backward`: :meth:`backward_reduce`, then
+        :meth:`backward_elementwise` with its sums (one call on the cpu backend's small inputs).
         """
 
 

@@ -19,14 +19,16 @@ as the number of partials, so the child's results are bitwise the parent's.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numba
 import numpy as np
 
+from . import composed, host
 from . import cpu_kernels as k
-from . import host
 from .buffers import POOL
+from .contract import FORWARD_DONE
 
 NAME = "cpu"
 
@@ -160,3 +162,51 @@ def backward_elementwise(dy3: np.ndarray, x3: np.ndarray, gamma: np.ndarray | No
                 k.planar_chunk(x3.shape[2]), _bits(dx3), _bits(dresidual3))
     return dx3
 
+
+# ----------------------------------------------------------------------------- whole passes
+_SELF = sys.modules[__name__]
+
+
+def forward_train(x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float,
+                  running_mean: np.ndarray | None, running_var: np.ndarray | None,
+                  momentum: float, out3: np.ndarray | None = None,
+                  residual3: np.ndarray | None = None, relu: bool = False
+                  ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """``(y3, mean, var, invstd, status)`` (see contract); one compiled call on small inputs."""
+    if x3.size >= SERIAL_BELOW:
+        return composed.forward_train(_SELF, x3, gamma, beta, eps, running_mean, running_var,
+                                      momentum, out3, residual3, relu)
+    y3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
+    stats = np.empty((3, x3.shape[1]))
+    if x3.shape[2] == 1:
+        status = k.forward_train_channels_last_serial(
+            _bits(x3), gamma, beta, eps, running_mean, running_var, momentum, _bits(residual3),
+            relu, k.channels_last_block_rows(x3.shape[1]), _bits(y3), stats)
+    else:
+        status = k.forward_train_planar_serial(
+            _bits(x3), gamma, beta, eps, running_mean, running_var, momentum, _bits(residual3),
+            relu, k.planar_chunk(x3.shape[2]), _bits(y3), stats)
+    if status != FORWARD_DONE:
+        return None, stats[0], stats[1], None, status
+    return y3, stats[0], stats[1], stats[2], status
+
+
+def backward(dy3: np.ndarray, x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None,
+             mean: np.ndarray, invstd: np.ndarray, count: int, batch_stats: bool,
+             out3: np.ndarray | None = None, relu: bool = False, y3: np.ndarray | None = None,
+             dresidual3: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(dx3, dgamma, dbeta)`` (see contract); one compiled call on small inputs."""
+    if x3.size >= SERIAL_BELOW:
+        return composed.backward(_SELF, dy3, x3, gamma, beta, mean, invstd, count, batch_stats,
+                                 out3, relu, y3, dresidual3)
+    dx3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
+    grads = np.empty((2, x3.shape[1]))
+    if x3.shape[2] == 1:
+        k.backward_channels_last_serial(_bits(dy3), _bits(x3), gamma, beta, mean, invstd, count,
+                                        batch_stats, relu, _bits(y3), _bits(dx3),
+                                        _bits(dresidual3), grads)
+    else:
+        k.backward_planar_serial(_bits(dy3), _bits(x3), gamma, beta, mean, invstd, count,
+                                 batch_stats, relu, _bits(y3), k.planar_chunk(x3.shape[2]),
+                                 _bits(dx3), _bits(dresidual3), grads)
+    return dx3, grads[0], grads[1]

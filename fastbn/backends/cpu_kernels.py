@@ -14,6 +14,9 @@ kernel                                  job
 ``backward_coefficients``               per feature: dy_scale, x_scale, dx_shift
 ``backward_elementwise_planar``         backward elementwise: dx = g*dy_scale + x*x_scale + dx_shift
 ``backward_elementwise_channels_last``  the same on ``(rows, C)``
+``forward_train_*_serial``              small inputs: statistics, checks, running update and the
+                                        forward elementwise pass in one call (cpu only)
+``backward_*_serial``                   small inputs: both backward passes in one call (cpu only)
 ======================================  ============================================================
 
 Two layouts of the canonical ``(outer, C, inner)`` view, as named twins:
@@ -56,6 +59,7 @@ from numba import types as nb_types
 from numba.extending import overload
 
 from . import feature_math
+from .contract import FORWARD_DONE, NONFINITE_STATISTICS, RUNNING_OVERFLOW
 from .half import narrow, widen
 
 # Reassociation lets LLVM vectorize the float64 reductions; no 'nnan'/'ninf', so NaN and Inf
@@ -640,6 +644,75 @@ def backward_elementwise_channels_last(dy3, x3, gamma, beta, mean, invstd, dgamm
         lo, hi = thread_range(rows, threads, t)
         backward_elementwise_items_channels_last(dy, x, y, relu, coefficients, lo, hi, dx,
                                                  dresidual)
+
+
+# ----------------------------------------------------------------------------- small inputs
+# Below cpu.SERIAL_BELOW elements a pass is a few microseconds of work, about what the Python
+# around a compiled call and its dispatch cost, and forward-train is four calls. These run a
+# whole pass as one serial call, through the same serial kernels the separate calls use, so the
+# results are bitwise the same. Outputs go into ``stats`` ((3, C): mean, var, invstd) and
+# ``grads`` ((2, C): dgamma, dbeta).
+batch_moments_planar_serial = SERIAL["batch_moments_planar"]
+batch_moments_channels_last_serial = SERIAL["batch_moments_channels_last"]
+scale_shift_planar_serial = SERIAL["scale_shift_planar"]
+scale_shift_channels_last_serial = SERIAL["scale_shift_channels_last"]
+backward_reduce_planar_serial = SERIAL["backward_reduce_planar"]
+backward_reduce_channels_last_serial = SERIAL["backward_reduce_channels_last"]
+backward_elementwise_planar_serial = SERIAL["backward_elementwise_planar"]
+backward_elementwise_channels_last_serial = SERIAL["backward_elementwise_channels_last"]
+
+
+@njit(**CHECK)
+def checked_running_update(mean, var, running_mean, running_var, count, momentum):
+    """The forward's checks, then the running update: a ``contract`` status."""
+    if nonfinite_count(mean, var):
+        return NONFINITE_STATISTICS
+    if not update_running_stats(running_mean, running_var, mean, var, count, momentum):
+        return RUNNING_OVERFLOW
+    return FORWARD_DONE
+
+
+@njit(**SERIAL_KERNEL)
+def forward_train_planar_serial(x, gamma, beta, eps, running_mean, running_var, momentum,
+                                residual, relu, chunk, y, stats):
+    batch_moments_planar_serial(x, chunk, stats[0], stats[1], 1)
+    status = checked_running_update(stats[0], stats[1], running_mean, running_var,
+                                    x.shape[0] * x.shape[2], momentum)
+    if status == FORWARD_DONE:
+        scale_shift_planar_serial(x, stats[0], stats[1], gamma, beta, eps, residual, relu,
+                                  chunk, y, stats[2], 1)
+    return status
+
+
+@njit(**SERIAL_KERNEL)
+def forward_train_channels_last_serial(x, gamma, beta, eps, running_mean, running_var,
+                                       momentum, residual, relu, block_rows, y, stats):
+    batch_moments_channels_last_serial(x, block_rows, stats[0], stats[1], 1)
+    status = checked_running_update(stats[0], stats[1], running_mean, running_var,
+                                    x.shape[0] * x.shape[2], momentum)
+    if status == FORWARD_DONE:
+        scale_shift_channels_last_serial(x, stats[0], stats[1], gamma, beta, eps, residual,
+                                         relu, y, stats[2], 1)
+    return status
+
+
+@njit(**SERIAL_KERNEL)
+def backward_planar_serial(dy, x, gamma, beta, mean, invstd, count, batch_stats, relu, y,
+                           chunk, dx, dresidual, grads):
+    backward_reduce_planar_serial(dy, x, gamma, beta, mean, invstd, relu, y, chunk, grads[0],
+                                  grads[1], 1)
+    backward_elementwise_planar_serial(dy, x, gamma, beta, mean, invstd, grads[0], grads[1],
+                                       count, batch_stats, relu, y, chunk, dx, dresidual, 1)
+
+
+@njit(**SERIAL_KERNEL)
+def backward_channels_last_serial(dy, x, gamma, beta, mean, invstd, count, batch_stats, relu,
+                                  y, dx, dresidual, grads):
+    backward_reduce_channels_last_serial(dy, x, gamma, beta, mean, invstd, relu, y, grads[0],
+                                         grads[1], 1)
+    backward_elementwise_channels_last_serial(dy, x, gamma, beta, mean, invstd, grads[0],
+                                              grads[1], count, batch_stats, relu, y, dx,
+                                              dresidual, 1)
 
 
 def planar_chunk(inner: int) -> int:

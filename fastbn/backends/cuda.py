@@ -39,6 +39,8 @@ See docs/cuda.md for the design and what has (not) been verified on a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -47,7 +49,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .._checks import host_input_array
-from . import feature_math, is_device_array
+from . import composed, feature_math, is_device_array
 from .host import nonfinite_features as _host_nonfinite_features
 
 try:
@@ -778,3 +780,7 @@ def backward_elementwise(dy3: Any, x3: Any, gamma: Any, beta: Any, mean: Any, in
             _deliver(dres3, dresidual3, stream)
         return _deliver(dx3, out3, stream)
 
+
+# Whole passes: the steps above, each already one launch (a fused call saves nothing here).
+forward_train = functools.partial(composed.forward_train, sys.modules[__name__])
+backward = functools.partial(composed.backward, sys.modules[__name__])

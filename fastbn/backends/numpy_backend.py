@@ -8,8 +8,12 @@ norm as separate passes.
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import numpy as np
 
+from . import composed
 from .host import (asarray, astype, canonical, nonfinite_features, output_view, to_host, to_output,
                    unavailable_reason)
 
@@ -17,7 +21,7 @@ NAME = "numpy"
 _REDUCE = (0, 2)  # every axis of (outer, C, inner) but the features
 __all__ = ["NAME", "unavailable_reason", "asarray", "canonical", "output_view", "empty",
            "astype", "to_output", "to_host", "moments", "nonfinite_features", "update_running_stats",
-           "normalize", "backward_reduce", "backward_elementwise"]
+           "normalize", "backward_reduce", "backward_elementwise", "forward_train", "backward"]
 
 
 def _compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -129,3 +133,8 @@ def backward_elementwise(dy3, x3, gamma, beta, mean, invstd, dgamma, dbeta, coun
     else:
         dx = dx_hat * inv
     return _written(dx, out3, x3.dtype)
+
+
+# Whole passes: the textbook steps one after the other.
+forward_train = functools.partial(composed.forward_train, sys.modules[__name__])
+backward = functools.partial(composed.backward, sys.modules[__name__])
