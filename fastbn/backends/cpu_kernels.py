@@ -42,7 +42,8 @@ element once (a two-pass chunk converts twice, and the conversions bound the loo
 vectorizes; per-element Welford would need a divide per element and does not.
 
 Elements are loaded with ``widen`` (float64) and stored with ``narrow`` (rounded once), which
-handle float16 given as its uint16 bits (``half``). Kernels take ``max_threads`` as their last
+handle float16 given as its uint16 bits (``half``: F16C's conversions, which vectorize, where
+the CPU has them; exact software ones elsewhere). Kernels take ``max_threads`` as their last
 argument: calling ``numba.get_num_threads()`` inside a kernel makes it uncacheable (a dynamic
 global), and every process would recompile. Outputs are arguments, never return values: a
 returned array costs about 0.6 us of boxing per call.
