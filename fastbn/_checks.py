@@ -79,6 +79,9 @@ def writable_per_feature(value: Any, num_features: int, name: str) -> Any:
     writeable float32/float64 ndarray (or device array) of shape ``(num_features,)``."""
     if value is None:
         return None
+    if (type(value) is np.ndarray and value.shape == (num_features,)
+            and value.dtype in STATE_DTYPES and value.flags.writeable):
+        return value  # the common case, checked first: this runs on every call
     if hasattr(value, "__cuda_array_interface__") or getattr(value, "__cuda_ndarray__", False):
         check_per_feature(value, num_features, name)
         check_state_dtype(value.dtype, name)
@@ -146,6 +149,8 @@ def check_per_feature(value: Any, num_features: int, name: str) -> None:
 
 
 def check_eps(eps: Any) -> float:
+    if type(eps) is float and 0.0 <= eps < math.inf:
+        return eps  # the common case, without NumPy's scalar machinery
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise TypeError(f"eps must be a number, got {describe(eps)}")
     if not eps >= 0 or not np.isfinite(eps):
@@ -156,6 +161,8 @@ def check_eps(eps: Any) -> float:
 def check_momentum(momentum: Any, allow_none: bool) -> float | None:
     if momentum is None and allow_none:
         return None
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return momentum
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)):
         raise TypeError(f"momentum must be a number{' or None' if allow_none else ''}, "
                         f"got {describe(momentum)}")
