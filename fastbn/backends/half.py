@@ -145,13 +145,13 @@ def _float64_from_bits(typingctx, bits):
 _BELOW_FLOAT32 = np.int64((1 << 29) - 1)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def half_to_float_hardware(bits):
     """float64 value of the binary16 number with the bits ``bits`` (an integer < 2**16)."""
     return np.float64(_half_bits_to_float32(np.uint16(bits)))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def round_to_odd_float32(value):
     """``value`` (float64) rounded to float32 precision by round-to-odd, as a float64.
 
@@ -169,7 +169,7 @@ def round_to_odd_float32(value):
                               & ~_BELOW_FLOAT32)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def float_to_half_hardware(value):
     """The binary16 bits (uint16) of ``value`` (float64) rounded to nearest, ties to even."""
     return _float32_to_half_bits(np.float32(round_to_odd_float32(np.float64(value))))
