@@ -158,4 +158,6 @@ def test_second_process_loads_kernels_from_the_numba_cache():
                            timeout=600) for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
     misses, hits = map(int, runs[1].stdout.split())
-    assert misses == 0 and hits >= 8, runs[1].stdout
+    # Small inputs make one compiled call per pass (forward_train_*_serial, backward_*_serial,
+    # each with its callees linked in): two layouts x two passes, all from the cache.
+    assert misses == 0 and hits >= 4, runs[1].stdout
