@@ -64,6 +64,7 @@ from numba.extending import overload
 from . import feature_math
 from .contract import FORWARD_DONE, NONFINITE_STATISTICS, RUNNING_OVERFLOW
 from .half import narrow, widen
+from .prefetch import prefetch_element
 
 # Reassociation lets LLVM vectorize the float64 reductions; no 'nnan'/'ninf', so NaN and Inf
 # still propagate to the statistics, where the non-finite check looks for them. No 'contract'
@@ -260,24 +261,55 @@ def batch_moments_planar(x, chunk, out_mean, out_var, max_threads):
     merge_thread_partials(count, mean, m2, out_mean, out_var)
 
 
-# Channels-last sweeps take SWEEP_ROWS rows per trip along C: each row alone would load and
-# store the float64 accumulators once per element, which bounds the loop below the DRAM rate.
-SWEEP_ROWS = 4
+# Channels-last sweeps add several rows per trip along C: each row alone would load and store
+# the float64 accumulators once per element, which bounds the loop below the DRAM rate. A trip
+# spans 16 bytes per feature (4 rows of float32 or float16, 2 of float64): four float64 rows
+# at once ran at 45-60 % of the read bandwidth where two ran at 65-80 %. Reading rows side by
+# side defeats the hardware prefetchers on short rows, so on rows of up to PREFETCH_ROW_BYTES
+# each trip hints the lines PREFETCH_AHEAD bytes ahead (measured at (401408, 64) float32 on
+# 2 threads: 47 -> 80 % of the read bandwidth; on 4 KiB rows the hint cost 5-15 %).
+PREFETCH_ROW_BYTES = 512
+PREFETCH_AHEAD = 2048
+CACHE_LINE = 64
+
+
+@njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
+def add_two_rows(x0, x1, pivot, total, total_sq):
+    for c in range(total.size):
+        p = pivot[c]
+        d0, d1 = widen(x0[c]) - p, widen(x1[c]) - p
+        total[c] += d0 + d1
+        total_sq[c] += d0 * d0 + d1 * d1
+
+
+@njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
+def add_four_rows(x0, x1, x2, x3, pivot, total, total_sq):
+    for c in range(total.size):
+        p = pivot[c]
+        d0, d1 = widen(x0[c]) - p, widen(x1[c]) - p
+        d2, d3 = widen(x2[c]) - p, widen(x3[c]) - p
+        total[c] += (d0 + d1) + (d2 + d3)
+        total_sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
 
 
 @njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
 def sweep_pivoted_sums(x, r0, r1, pivot, total, total_sq):
     """``total[c] += sum(x[r0:r1, c] - pivot[c])`` and ``total_sq[c]`` of their squares."""
+    trip_rows = 2 if x.itemsize == 8 else 4
+    hint = x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES
+    ahead = PREFETCH_AHEAD // x.itemsize
+    line = CACHE_LINE // x.itemsize
+    trip = trip_rows * x.shape[1]
     r = r0
-    while r + SWEEP_ROWS <= r1:
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-        for c in range(total.size):
-            p = pivot[c]
-            d0, d1 = widen(x0[c]) - p, widen(x1[c]) - p
-            d2, d3 = widen(x2[c]) - p, widen(x3[c]) - p
-            total[c] += (d0 + d1) + (d2 + d3)
-            total_sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += SWEEP_ROWS
+    while r + trip_rows <= r1:
+        if hint:
+            for ahead_of_row in range(ahead, ahead + trip, line):
+                prefetch_element(x[r], ahead_of_row)
+        if trip_rows == 2:
+            add_two_rows(x[r], x[r + 1], pivot, total, total_sq)
+        else:
+            add_four_rows(x[r], x[r + 1], x[r + 2], x[r + 3], pivot, total, total_sq)
+        r += trip_rows
     for r in range(r, r1):
         xr = x[r]
         for c in range(total.size):
