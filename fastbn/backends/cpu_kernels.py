@@ -133,6 +133,30 @@ def _feature_value(vector, c, default):
     return lambda vector, c, default: widen(vector[c])
 
 
+def plus_residual(value, residual, at):
+    """``value + residual[at]`` in float64, or ``value`` where there is no residual (None)."""
+
+
+@overload(plus_residual, inline="always")
+def _plus_residual(value, residual, at):
+    if isinstance(residual, nb_types.NoneType):
+        return lambda value, residual, at: value
+    return lambda value, residual, at: value + widen(residual[at])
+
+
+def relu_passes(x, y, at, scale, shift):
+    """Whether the forward's ReLU let element ``at`` through (its output > 0): read from y,
+    or, where y is None, recomputed as the forward computed it (``x*scale + shift`` rounded
+    to the dtype), so it agrees bit for bit."""
+
+
+@overload(relu_passes, inline="always")
+def _relu_passes(x, y, at, scale, shift):
+    if isinstance(y, nb_types.NoneType):
+        return lambda x, y, at, scale, shift: widen(narrow(widen(x[at]) * scale + shift, x)) > 0.0
+    return lambda x, y, at, scale, shift: widen(y[at]) > 0.0
+
+
 def run_of(a, o, c, start, stop):
     """The run ``a[o, c, start:stop]`` of an optional array (None stays None)."""
 
@@ -422,15 +446,13 @@ def nonfinite_count(mean, var):
 @njit(inline="always", **HELPER)
 def forward_value(x, residual, at, scale, shift, relu):
     """``act(x*scale + shift [+ residual])`` of element ``at``, in float64 (ReLU keeps NaN)."""
-    value = widen(x[at]) * scale + shift
-    if residual is not None:
-        value += widen(residual[at])
+    value = plus_residual(widen(x[at]) * scale + shift, residual, at)
     if relu:
         value = 0.0 if value < 0.0 else value
     return value
 
 
-@njit(**HELPER)
+@njit(inline="always", **HELPER)
 def scale_shift_run(x_run, residual_run, scale, shift, relu, y_run):
     for i in range(x_run.size):
         y_run[i] = narrow(forward_value(x_run, residual_run, i, scale, shift, relu), y_run)
@@ -487,22 +509,14 @@ def scale_shift_channels_last(x3, mean, var, gamma, beta, eps, residual3, relu, 
 # ----------------------------------------------------------------------------- backward
 @njit(inline="always", **HELPER)
 def masked_gradient(dy, x, y, at, relu, scale, shift):
-    """``g = dy`` of element ``at``, zeroed where the forward's ReLU output was not > 0.
-
-    The mask is ``y > 0`` from the forward output, or, without it, the same expression the
-    forward computed (``x*scale + shift`` rounded to the dtype), so it agrees bit for bit.
-    """
+    """``g = dy`` of element ``at``, zeroed where the forward's ReLU output was not > 0."""
     g = widen(dy[at])
     if relu:
-        if y is None:
-            positive = widen(narrow(widen(x[at]) * scale + shift, x)) > 0.0
-        else:
-            positive = widen(y[at]) > 0.0
-        g = g if positive else 0.0
+        g = g if relu_passes(x, y, at, scale, shift) else 0.0
     return g
 
 
-@njit(**HELPER)
+@njit(inline="always", **HELPER)
 def backward_reduce_run(dy_run, x_run, y_run, mu, relu, scale, shift):
     sum_g = 0.0
     sum_g_xmu = 0.0
@@ -623,16 +637,29 @@ def residual_gradient_element(dy, x, y, at, relu, mask_scale, mask_shift, dresid
                            dresidual)
 
 
-# The residual's gradient gets a loop of its own over the same (cache-resident) run or row,
-# before dx (which may overwrite dy): one loop storing both did not vectorize for float16
-# (measured: 17 ns per element, against 0.9 for dx alone).
-@njit(**HELPER)
-def backward_elementwise_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dy_scale,
-                             x_scale, dx_shift, dx_run, dresidual_run):
-    if dresidual_run is not None:
+def residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run):
+    """``dresidual_run = g`` (nothing where there is no residual, None)."""
+
+
+@overload(residual_gradient_run, inline="always")
+def _residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run):
+    if isinstance(dresidual_run, nb_types.NoneType):
+        return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run: None
+
+    def write(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run):
         for i in range(x_run.size):
             residual_gradient_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift,
                                       dresidual_run)
+    return write
+
+
+# The residual's gradient gets a loop of its own over the same (cache-resident) run or row,
+# before dx (which may overwrite dy): one loop storing both did not vectorize for float16
+# (measured: 17 ns per element, against 0.9 for dx alone).
+@njit(inline="always", **HELPER)
+def backward_elementwise_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dy_scale,
+                             x_scale, dx_shift, dx_run, dresidual_run):
+    residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run)
     for i in range(x_run.size):
         backward_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift, dy_scale,
                          x_scale, dx_shift, dx_run)
