@@ -309,6 +309,26 @@ TINY_RUN = ["--shapes", "4x3x5x5", "6x3", "--layer-shapes", "8x4", "--layer-call
             "--bandwidth-mib", "4", "--no-compile-time"]
 
 
+def test_warm_only_child_calls_fastbn_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    real = measure.warm_timer
+
+    def counting_timer():
+        timer = real()
+
+        def wrapped(makers):
+            calls.extend(name for name in makers if name not in measure.NOT_FASTBN)
+            return timer(makers)
+        return wrapped
+    monkeypatch.setattr(measure, "warm_timer", counting_timer)
+    out = io.StringIO()
+    assert cli.main([*TINY_RUN, "--warm-only"], out=out, progress=None) == 0
+    assert out.getvalue() == "" and not any(tmp_path.iterdir())
+    assert {"cpu", "cpu-out", "fastbn"} <= set(calls)
+    assert "numpy" not in calls and "torch" not in calls
+
+
 def test_report_cli_end_to_end(tmp_path):
     out = io.StringIO()
     status = cli.main([*TINY_RUN, "--backends", "numpy", "cpu", "cuda", "--out",

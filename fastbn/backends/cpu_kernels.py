@@ -645,12 +645,19 @@ def residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dr
 def _residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run):
     if isinstance(dresidual_run, nb_types.NoneType):
         return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run: None
+    return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run: \
+        write_residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift,
+                                    dresidual_run)
 
-    def write(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run):
-        for i in range(x_run.size):
-            residual_gradient_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift,
-                                      dresidual_run)
-    return write
+
+# Out of line: inlined beside the dx loop, this loop ran 15x slower (measured at
+# (64, 64, 3136) float32, 180 ms against 12).
+@njit(**HELPER)
+def write_residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift,
+                                dresidual_run):
+    for i in range(x_run.size):
+        residual_gradient_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift,
+                                  dresidual_run)
 
 
 # The residual's gradient gets a loop of its own over the same (cache-resident) run or row,

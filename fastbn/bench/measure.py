@@ -114,6 +114,27 @@ def interleaved_timer(calls: int, rounds: int) -> Timer:
     return timer
 
 
+# Implementations that run no fastbn kernel: the warm-up child skips them.
+NOT_FASTBN = frozenset({"numpy", "numpy-layer", *registry.TORCH_IMPLEMENTATIONS})
+
+
+def warm_timer() -> Timer:
+    """Call each fastbn body once and time nothing: the warm-up child of ``python -m fastbn
+    bench`` runs this, so every kernel the run uses is compiled and in Numba's cache before the
+    measuring process loads it (see ``cli.warm_in_child``)."""
+    def timer(makers):
+        errors = {}
+        for name, make in makers.items():
+            if name in NOT_FASTBN:
+                continue
+            try:
+                make()()
+            except Exception as exc:
+                errors[name] = _error_text(exc)
+        return {}, errors
+    return timer
+
+
 # ----------------------------------------------------------------------------- running
 def _say(message: str, stream: TextIO | None) -> None:
     if stream is not None:
