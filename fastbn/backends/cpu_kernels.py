@@ -144,16 +144,29 @@ def _plus_residual(value, residual, at):
     return lambda value, residual, at: value + widen(residual[at])
 
 
+def relu_floor(like):
+    """The largest float64 that rounds to 0 in the element type of ``like``: half its
+    smallest subnormal (a tie, which goes to the even 0). ``value > relu_floor(x)`` is
+    ``narrow(value, x) > 0`` without the rounding (as cuda.py's ``_relu_floor``)."""
+
+
+@overload(relu_floor, inline="always")
+def _relu_floor(like):
+    dtype = np.float16 if like.dtype == nb_types.uint16 else np.dtype(str(like.dtype))
+    floor = float(np.finfo(dtype).smallest_subnormal) / 2.0
+    return lambda like: floor
+
+
 def relu_passes(x, y, at, scale, shift):
-    """Whether the forward's ReLU let element ``at`` through (its output > 0): read from y,
-    or, where y is None, recomputed as the forward computed it (``x*scale + shift`` rounded
-    to the dtype), so it agrees bit for bit."""
+    """Whether the forward's ReLU let element ``at`` through (its stored output > 0): read
+    from y, or, where y is None, recomputed as the forward computed it (``x*scale + shift``)
+    and compared with ``relu_floor``, so it agrees bit for bit."""
 
 
 @overload(relu_passes, inline="always")
 def _relu_passes(x, y, at, scale, shift):
     if isinstance(y, nb_types.NoneType):
-        return lambda x, y, at, scale, shift: widen(narrow(widen(x[at]) * scale + shift, x)) > 0.0
+        return lambda x, y, at, scale, shift: widen(x[at]) * scale + shift > relu_floor(x)
     return lambda x, y, at, scale, shift: widen(y[at]) > 0.0
 
 
@@ -316,24 +329,35 @@ def add_four_rows(x0, x1, x2, x3, pivot, total, total_sq):
         total_sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
 
 
+@njit(inline="always", cache=True)
+def trip_rows(x):
+    """Rows of the channels-last view ``x`` that one trip along C adds up: 16 bytes a feature."""
+    return 2 if x.itemsize == 8 else 4
+
+
+@njit(inline="always", cache=True)
+def prefetch_trip(a, r):
+    """Hint the lines PREFETCH_AHEAD bytes past row ``r`` of ``a``, a trip's worth, where its
+    rows are short enough to need it (see PREFETCH_ROW_BYTES)."""
+    if a.shape[1] * a.itemsize <= PREFETCH_ROW_BYTES:
+        ahead = PREFETCH_AHEAD // a.itemsize
+        for ahead_of_row in range(ahead, ahead + trip_rows(a) * a.shape[1],
+                                  CACHE_LINE // a.itemsize):
+            prefetch_element(a[r], ahead_of_row)
+
+
 @njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
 def sweep_pivoted_sums(x, r0, r1, pivot, total, total_sq):
     """``total[c] += sum(x[r0:r1, c] - pivot[c])`` and ``total_sq[c]`` of their squares."""
-    trip_rows = 2 if x.itemsize == 8 else 4
-    hint = x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES
-    ahead = PREFETCH_AHEAD // x.itemsize
-    line = CACHE_LINE // x.itemsize
-    trip = trip_rows * x.shape[1]
+    trip = trip_rows(x)
     r = r0
-    while r + trip_rows <= r1:
-        if hint:
-            for ahead_of_row in range(ahead, ahead + trip, line):
-                prefetch_element(x[r], ahead_of_row)
-        if trip_rows == 2:
+    while r + trip <= r1:
+        prefetch_trip(x, r)
+        if trip == 2:
             add_two_rows(x[r], x[r + 1], pivot, total, total_sq)
         else:
             add_four_rows(x[r], x[r + 1], x[r + 2], x[r + 3], pivot, total, total_sq)
-        r += trip_rows
+        r += trip
     for r in range(r, r1):
         xr = x[r]
         for c in range(total.size):
