@@ -300,8 +300,9 @@ def batch_moments_planar(x, chunk, out_mean, out_var, max_threads):
 
 # Channels-last sweeps add several rows per trip along C: each row alone would load and store
 # the float64 accumulators once per element, which bounds the loop below the DRAM rate. A trip
-# spans 16 bytes per feature (4 rows of float32 or float16, 2 of float64): four float64 rows
-# at once ran at 45-60 % of the read bandwidth where two ran at 65-80 %. Reading rows side by
+# adds 4 rows, or 2 of float64 rows up to PREFETCH_ROW_BYTES: on (401408, 64) float64 four rows
+# at once ran at 45-60 % of the read bandwidth where two ran at 65-80 %, while on 8 KiB rows
+# four ran at 88-92 % and two at 83-85 %. Reading rows side by
 # side defeats the hardware prefetchers on short rows, so on rows of up to PREFETCH_ROW_BYTES
 # each trip hints the lines PREFETCH_AHEAD bytes ahead (measured at (401408, 64) float32 on
 # 2 threads: 47 -> 80 % of the read bandwidth; on 4 KiB rows the hint cost 5-15 %).
@@ -331,8 +332,9 @@ def add_four_rows(x0, x1, x2, x3, pivot, total, total_sq):
 
 @njit(inline="always", cache=True)
 def trip_rows(x):
-    """Rows of the channels-last view ``x`` that one trip along C adds up: 16 bytes a feature."""
-    return 2 if x.itemsize == 8 else 4
+    """Rows of the channels-last view ``x`` that one trip along C adds up: 4, or 2 on short
+    float64 rows (see PREFETCH_ROW_BYTES)."""
+    return 2 if x.itemsize == 8 and x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES else 4
 
 
 @njit(inline="always", cache=True)
