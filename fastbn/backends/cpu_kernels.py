@@ -145,15 +145,13 @@ def _plus_residual(value, residual, at):
 
 
 def relu_floor(like):
-    """The largest float64 that rounds to 0 in the element type of ``like``: half its
-    smallest subnormal (a tie, which goes to the even 0). ``value > relu_floor(x)`` is
-    ``narrow(value, x) > 0`` without the rounding (as cuda.py's ``_relu_floor``)."""
+    """``feature_math.relu_floor`` of the element type of ``like`` (uint16 bits: float16)."""
 
 
 @overload(relu_floor, inline="always")
 def _relu_floor(like):
     dtype = np.float16 if like.dtype == nb_types.uint16 else np.dtype(str(like.dtype))
-    floor = float(np.finfo(dtype).smallest_subnormal) / 2.0
+    floor = feature_math.relu_floor(dtype)
     return lambda like: floor
 
 
@@ -302,10 +300,10 @@ def batch_moments_planar(x, chunk, out_mean, out_var, max_threads):
 # the float64 accumulators once per element, which bounds the loop below the DRAM rate. A trip
 # adds 4 rows, or 2 of float64 rows up to PREFETCH_ROW_BYTES: on (401408, 64) float64 four rows
 # at once ran at 45-60 % of the read bandwidth where two ran at 65-80 %, while on 8 KiB rows
-# four ran at 88-92 % and two at 83-85 %. Reading rows side by
-# side defeats the hardware prefetchers on short rows, so on rows of up to PREFETCH_ROW_BYTES
-# each trip hints the lines PREFETCH_AHEAD bytes ahead (measured at (401408, 64) float32 on
-# 2 threads: 47 -> 80 % of the read bandwidth; on 4 KiB rows the hint cost 5-15 %).
+# four ran at 88-92 % and two at 83-85 %. Short rows read side by side defeat the hardware
+# prefetchers, so on rows of up to PREFETCH_ROW_BYTES each trip hints the lines PREFETCH_AHEAD
+# bytes ahead (at (401408, 64) float32 on 2 threads: 47 -> 80 % of the read bandwidth; on
+# 4 KiB rows the hint cost 5-15 %).
 PREFETCH_ROW_BYTES = 512
 PREFETCH_AHEAD = 2048
 CACHE_LINE = 64
@@ -338,23 +336,22 @@ def trip_rows(x):
 
 
 @njit(inline="always", cache=True)
-def prefetch_trip(a, r):
-    """Hint the lines PREFETCH_AHEAD bytes past row ``r`` of ``a``, a trip's worth, where its
-    rows are short enough to need it (see PREFETCH_ROW_BYTES)."""
-    if a.shape[1] * a.itemsize <= PREFETCH_ROW_BYTES:
-        ahead = PREFETCH_AHEAD // a.itemsize
-        for ahead_of_row in range(ahead, ahead + trip_rows(a) * a.shape[1],
-                                  CACHE_LINE // a.itemsize):
-            prefetch_element(a[r], ahead_of_row)
+def prefetch_trip(a, r, trip):
+    """Hint the lines of ``trip`` rows PREFETCH_AHEAD bytes past row ``r`` of ``a``."""
+    ahead = PREFETCH_AHEAD // a.itemsize
+    for ahead_of_row in range(ahead, ahead + trip * a.shape[1], CACHE_LINE // a.itemsize):
+        prefetch_element(a[r], ahead_of_row)
 
 
 @njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
 def sweep_pivoted_sums(x, r0, r1, pivot, total, total_sq):
     """``total[c] += sum(x[r0:r1, c] - pivot[c])`` and ``total_sq[c]`` of their squares."""
     trip = trip_rows(x)
+    hint = x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES
     r = r0
     while r + trip <= r1:
-        prefetch_trip(x, r)
+        if hint:
+            prefetch_trip(x, r, trip)
         if trip == 2:
             add_two_rows(x[r], x[r + 1], pivot, total, total_sq)
         else:

@@ -492,11 +492,6 @@ def _input(a3: Any, ndim: int, dtype: Any, stream: Any) -> Any:
     return _rows(a3) if ndim == 2 else a3
 
 
-def _relu_floor(dtype: Any) -> float:
-    """The largest float64 that rounds to 0 in ``dtype``: half its smallest subnormal."""
-    return float(np.finfo(dtype).smallest_subnormal) / 2.0
-
-
 def overflow_limit(dtype: Any) -> float:
     """The smallest float64 magnitude that rounds to infinity in ``dtype``."""
     info = np.finfo(dtype)
@@ -746,7 +741,7 @@ def backward_reduce(dy3: Any, x3: Any, gamma: Any, beta: Any, mean: Any, invstd:
                 _rows(dy3) if ndim == 2 else dy3, view,
                 _input(_device_input(y3, stream), ndim, x3.dtype, stream),
                 _vector(mean, stream), invstd, _vector(gamma, stream), _vector(beta, stream),
-                bool(relu), _relu_floor(x3.dtype), partials, grads,
+                bool(relu), feature_math.relu_floor(x3.dtype), partials, grads,
                 shared_doubles=2 * threads)
         if blocks > 1:
             merge = _merge_threads(blocks)
@@ -774,7 +769,7 @@ def backward_elementwise(dy3: Any, x3: Any, gamma: Any, beta: Any, mean: Any, in
                 _input(_device_input(y3, stream), ndim, x3.dtype, stream),
                 _vector(mean, stream), _vector(invstd, stream), _vector(gamma, stream),
                 _vector(beta, stream), _vector(dgamma, stream), _vector(dbeta, stream),
-                float(count), bool(batch_stats), bool(relu), _relu_floor(x3.dtype),
+                float(count), bool(batch_stats), bool(relu), feature_math.relu_floor(x3.dtype),
                 _rows(dx3) if ndim == 2 else dx3, _input(dres3, ndim, x3.dtype, stream))
         if dresidual3 is not None:
             _deliver(dres3, dresidual3, stream)

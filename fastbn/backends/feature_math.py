@@ -3,12 +3,15 @@
 Each function takes and returns float64 scalars. ``cpu_kernels`` compiles them with
 ``numba.njit(inline="always")`` and ``cuda_kernels`` with ``cuda.jit(device=True)``, so both
 backends compute every coefficient with the same statements (see docs/math.md for the
-derivations). They are also plain Python, which is how the tests check them.
+derivations). They are also plain Python, which is how the tests check them. ``relu_floor`` is the one
+per-dtype constant among them: both backends compute it here and hand it to their kernels.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 
 def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
@@ -70,3 +73,11 @@ def unbiased_variance(var, count):
 def running_average(running, batch, momentum):
     """``(1 - momentum) * running + momentum * batch``."""
     return (1.0 - momentum) * running + momentum * batch
+
+
+def relu_floor(dtype) -> float:
+    """The largest float64 that rounds to 0 in ``dtype``: half its smallest subnormal (a tie,
+    which goes to the even 0). ``value > relu_floor(dtype)`` is ``value rounded to dtype > 0``,
+    so a backward recomputing the forward's ReLU mask needs no rounding (not compiled: the
+    kernels take it as a constant)."""
+    return float(np.finfo(dtype).smallest_subnormal) / 2.0

@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from . import fused, machine, measure, registry
 from .cases import ALL_DTYPES, CASES, DEFAULT_CASES, DTYPES, LAYER_CASES, parse_case
@@ -119,24 +119,40 @@ def warm_in_child(argv: list[str], progress: TextIO | None) -> None:
              f"{child.stderr[-2000:]}", progress)
 
 
+class Selection(NamedTuple):
+    """What ``args`` asks each section to run: its cases, dtypes and operations."""
+
+    cases: dict[str, list]
+    dtypes: dict[str, list[str]]
+    operations: dict[str, list[str]]
+
+
+def select(args: argparse.Namespace) -> Selection:
+    """The cases, dtypes and operations of every section, from ``args`` and the defaults."""
+    cases = [parse_case(s) for s in (args.shapes or DEFAULT_CASES)]
+    layer_cases = ([parse_case(s) for s in args.layer_shapes] if args.layer_shapes
+                   else list(LAYER_CASES))
+    dtypes = args.dtypes or (["float32"] if args.quick else list(DTYPES))
+    # issue 13 asks for float16 rows of the fused passes (half the bytes)
+    fused_dtypes = args.dtypes or (["float32"] if args.quick else list(fused.DTYPES))
+    return Selection(
+        cases={"pass": cases, "layer": layer_cases,
+               "fused": cases if args.shapes else list(fused.DEFAULT_CASES)},
+        dtypes={"pass": dtypes, "layer": dtypes, "fused": fused_dtypes},
+        operations={"pass": args.passes or list(PASSES),
+                    "layer": list(SECTIONS["layer"].operations),
+                    "fused": list(SECTIONS["fused"].operations)})
+
+
 def warm_only(args: argparse.Namespace) -> int:
     """The child of :func:`warm_in_child`: every section's fastbn bodies, once each."""
-    cases = [parse_case(s) for s in (args.shapes or DEFAULT_CASES)]
-    section_cases = {"pass": cases,
-                     "layer": ([parse_case(s) for s in args.layer_shapes] if args.layer_shapes
-                               else list(LAYER_CASES)),
-                     "fused": cases if args.shapes else list(fused.DEFAULT_CASES)}
-    dtypes = args.dtypes or (["float32"] if args.quick else list(DTYPES))
-    section_dtypes = {"pass": dtypes, "layer": dtypes,
-                      "fused": args.dtypes or (["float32"] if args.quick else list(fused.DTYPES))}
-    operations = {"pass": args.passes or list(PASSES)}
+    chosen = select(args)
     failed = False
     for name in args.sections or list(SECTION_NAMES):
         impls, _ = measure.available(SECTIONS[name], args.backends if name == "pass" else None)
         _, failures = measure.run_section(
-            SECTIONS[name], section_cases[name], section_dtypes[name], impls,
-            operations.get(name, list(SECTIONS[name].operations)), measure.warm_timer(),
-            progress=None)
+            SECTIONS[name], chosen.cases[name], chosen.dtypes[name], impls,
+            chosen.operations[name], measure.warm_timer(), progress=None)
         failed = failed or bool(failures)
     return 1 if failed else 0
 
@@ -145,14 +161,10 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
         progress: TextIO | None = sys.stderr) -> dict:
     """Run the benchmark described by parsed ``args``; returns the results record."""
     sections = args.sections or list(SECTION_NAMES)
-    cases = [parse_case(s) for s in (args.shapes or DEFAULT_CASES)]
-    layer_cases = ([parse_case(s) for s in args.layer_shapes] if args.layer_shapes
-                   else list(LAYER_CASES))
-    fused_cases = cases if args.shapes else list(fused.DEFAULT_CASES)
-    dtypes = args.dtypes or (["float32"] if args.quick else list(DTYPES))
-    # issue 13 asks for float16 rows of the fused passes (half the bytes)
-    fused_dtypes = args.dtypes or (["float32"] if args.quick else list(fused.DTYPES))
-    passes = args.passes or list(PASSES)
+    chosen = select(args)
+    cases, layer_cases, fused_cases = (chosen.cases[name] for name in ("pass", "layer", "fused"))
+    dtypes, fused_dtypes = chosen.dtypes["pass"], chosen.dtypes["fused"]
+    passes = chosen.operations["pass"]
     repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
     min_sample_s = args.min_sample_time or (QUICK_MIN_SAMPLE_S if args.quick
                                             else FULL_MIN_SAMPLE_S)
@@ -161,13 +173,11 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
     load_at_start = machine.load_average()
 
     plan: dict[str, tuple[list, list[str], list[str], measure.Timer]] = {}
-    section_dtypes = {"pass": dtypes, "layer": dtypes, "fused": fused_dtypes}
+    section_dtypes = chosen.dtypes
     skipped: list[dict] = []
     sequential = measure.sequential_timer(repeats, min_sample_s)
     requested = {"pass": args.backends, "layer": None, "fused": None}
-    section_cases = {"pass": cases, "layer": layer_cases, "fused": fused_cases}
-    operations = {"pass": passes, "layer": list(SECTIONS["layer"].operations),
-                  "fused": list(SECTIONS["fused"].operations)}
+    section_cases, operations = chosen.cases, chosen.operations
     for name in sections:
         impls, notes = measure.available(SECTIONS[name], requested[name], progress=progress)
         skipped += notes
