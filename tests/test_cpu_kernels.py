@@ -20,8 +20,9 @@ import reference as ref
 from fastbn.backends import cpu, cpu_kernels
 from fastbn.backends.half import float_to_half, half_to_float
 
-# (shape3 of the canonical view): planar and channels-last, with odd sizes.
-SHAPES3 = [(5, 3, 37), (2, 4, 1000), (300, 5, 1), (9, 129, 1)]
+# (shape3 of the canonical view): planar and channels-last, with odd sizes; the last has rows
+# long enough for the channels-last trips of several rows (cpu_kernels.reduce_trip_rows).
+SHAPES3 = [(5, 3, 37), (2, 4, 1000), (300, 5, 1), (9, 129, 1), (11, 1030, 1)]
 DTYPES = [np.float64, np.float32, np.float16]
 EPS = 1e-5
 
