@@ -3,8 +3,9 @@
 Each function takes and returns float64 scalars. ``cpu_kernels`` compiles them with
 ``numba.njit(inline="always")`` and ``cuda_kernels`` with ``cuda.jit(device=True)``, so both
 backends compute every coefficient with the same statements (see docs/math.md for the
-derivations). They are also plain Python, which is how the tests check them. ``relu_floor`` is the one
-per-dtype constant among them: both backends compute it here and hand it to their kernels.
+derivations). They are also plain Python, which is how the tests check them. ``relu_floor`` is
+the one per-dtype constant among them: both backends compute it here and hand it to their
+kernels.
 """
 
 from __future__ import annotations
