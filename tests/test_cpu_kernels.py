@@ -214,6 +214,41 @@ def test_float16_within_two_ulp_including_large_offsets(mode, shape3, offset):
     ref.assert_close(dgamma, expected[1], np.float64, scale, what="dgamma")
 
 
+@pytest.mark.parametrize("shape3", [(4, 3, 300), (300, 5, 1)])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_float16_elementwise_passes_compute_in_float32(mode, shape3, offset):
+    """float16's y is x*scale + shift in float32 with the float64 coefficients rounded to
+    float32, ReLU'd and rounded once to float16, bit for bit; dx is its float32 formula
+    rounded once (half an ulp of float16), give or take the float32 rounding of its three
+    terms, which fast-math may add in another order."""
+    x, dy, gamma, beta = _inputs(shape3, np.float16, seed=5, offset=offset, spread=1.0)
+    mean, var = cpu.moments(x)
+    y3, invstd = cpu.normalize(x, mean, var, gamma, beta, EPS, None, None, True)
+    per_feature = (1, shape3[1], 1)
+
+    def single(a):
+        return np.asarray(a).astype(np.float32).reshape(per_feature)
+
+    scale = gamma * invstd
+    shift = beta - mean * scale
+    x32 = x.astype(np.float32)
+    value = x32 * single(scale) + single(shift)
+    np.testing.assert_array_equal(y3, np.maximum(value, 0).astype(np.float16))
+
+    count = shape3[0] * shape3[2]
+    dgamma, dbeta = cpu.backward_reduce(dy, x, gamma, beta, mean, invstd, True)
+    dx = cpu.backward_elementwise(dy, x, gamma, beta, mean, invstd, dgamma, dbeta, count,
+                                  True, None, True)
+    x_scale = -scale * invstd * dgamma / count
+    dx_shift = -scale * dbeta / count - x_scale * mean
+    g = np.where(value > 2.0 ** -25, dy.astype(np.float32), np.float32(0))
+    terms = (g * single(scale), x32 * single(x_scale), single(dx_shift))
+    expected = _f64(terms[0] + terms[1] + terms[2])
+    half_ulp = np.spacing(np.abs(expected).astype(np.float16)).astype(np.float64) / 2
+    reordering = 4 * 2.0 ** -24 * sum(np.abs(_f64(term)) for term in terms)
+    assert (np.abs(_f64(dx) - expected) <= half_ulp + reordering).all()
+
+
 def test_every_half_decodes_exactly():
     bits = np.arange(1 << 16, dtype=np.uint16)
     expected = bits.view(np.float16).astype(np.float64)

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 import pytest
-from numba import njit
+from numba import njit, types
 
 from fastbn.backends import half
 
@@ -109,6 +109,69 @@ def test_widen_implementations_agree():
     software = widened(half.half_to_float_software, ALL_BITS, True)
     np.testing.assert_array_equal(hardware, software)
     np.testing.assert_array_equal(np.signbit(hardware), np.signbit(software))
+
+
+WIDEN_FLOAT32 = [pytest.param(half.half_to_float32_software, id="software"),
+                 pytest.param(half.half_to_float32_hardware, id="hardware", marks=needs_f16c)]
+NARROW_FLOAT32 = [pytest.param(half.float32_to_half_software, id="software"),
+                  pytest.param(half.float32_to_half_hardware, id="hardware", marks=needs_f16c)]
+
+
+@pytest.mark.parametrize("convert", WIDEN_FLOAT32)
+def test_every_half_widens_exactly_to_float32(convert):
+    @njit
+    def loop(bits, out):
+        for i in range(bits.size):
+            out[i] = convert(bits[i])
+
+    out = np.empty(ALL_BITS.size, np.float32)
+    loop(ALL_BITS, out)
+    expected = ALL_BITS.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(expected))
+
+
+@pytest.mark.parametrize("convert", NARROW_FLOAT32)
+def test_float32_narrows_once_to_nearest_even(convert):
+    """Every float32 near a half (ties and their neighbours included) rounds as NumPy's float32
+    -> float16 does."""
+    values = structured_values()
+    with np.errstate(over="ignore", invalid="ignore"):
+        singles = np.concatenate([values.astype(np.float32),
+                                  random_values().astype(np.float32)])
+        singles = np.concatenate([singles, np.nextafter(singles, np.float32(np.inf)),
+                                  np.nextafter(singles, np.float32(-np.inf))])
+    got = np.empty(singles.size, np.uint16)
+    convert_loop(convert)(singles, got)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = singles.astype(np.float16).view(np.uint16)
+    assert_same_halves(got, expected)
+
+
+def test_kernel_helpers_keep_float32_arithmetic():
+    """``widen`` of a half is a float32, ``narrow`` of a float32 rounds it once, and
+    ``elementwise_coefficients``/``zero_of`` give float32 for float16 (float64 otherwise)."""
+    @njit
+    def typed(bits, value, like16, like64, coefficients):
+        return (half.widen(bits), half.narrow(value, like16),
+                half.elementwise_coefficients(coefficients, like16),
+                half.elementwise_coefficients(coefficients, like64),
+                half.zero_of(value), half.zero_of(np.float64(value)))
+
+    like16, like64 = np.zeros(1, np.uint16), np.zeros(1)
+    coefficients = np.array([0.1, -3.0])
+    value = np.float32(1.0 + 2.0 ** -11)                 # a tie: to even, 1.0
+    widened_bits, narrowed_bits, c16, c64, zero32, zero64 = typed(
+        np.uint16(0x3C01), value, like16, like64, coefficients)
+    assert np.float32(widened_bits) == np.float32(1.0 + 2.0 ** -10)
+    assert narrowed_bits == 0x3C00
+    assert c16.dtype == np.float32 and np.array_equal(c16, coefficients.astype(np.float32))
+    assert c64.dtype == np.float64
+    np.testing.assert_array_equal(c64, coefficients)
+    assert zero32 == 0.0 and zero64 == 0.0
+    assert typed.nopython_signatures[0].return_type.types[0] == types.float32
+    assert typed.nopython_signatures[0].return_type.types[4] == types.float32
+    assert typed.nopython_signatures[0].return_type.types[5] == types.float64
 
 
 # ----------------------------------------------------------------------------- narrow
@@ -250,7 +313,13 @@ def test_half_loops_vectorize_with_f16c():
     x = np.ones(1000, np.float16).view(np.uint16)
     y = np.empty_like(x)
     scale_shift(x, y, 2.0, 1.0)
+    scale_shift(x, y, np.float32(2.0), np.float32(1.0))
     assert (y.view(np.float16) == 3.0).all()
-    asm = scale_shift.inspect_asm(scale_shift.signatures[0])
-    assert re.search(r"vcvtph2ps\s+[^\n]*%[yz]mm", asm)
-    assert re.search(r"vcvtps2ph\s+\$\d+, %[yz]mm", asm)
+    for signature in scale_shift.signatures:
+        asm = scale_shift.inspect_asm(signature)
+        assert re.search(r"vcvtph2ps\s+[^\n]*%[yz]mm", asm)
+        assert re.search(r"vcvtps2ph\s+\$\d+, %[yz]mm", asm)
+    # float32 coefficients (the elementwise passes'): 8-wide float32 arithmetic, no float64
+    asm = scale_shift.inspect_asm(scale_shift.signatures[1])
+    assert re.search(r"vmulps\s+[^\n]*%[yz]mm", asm)
+    assert not re.search(r"vcvtps2pd", asm)

@@ -63,7 +63,7 @@ from numba.extending import overload
 
 from . import feature_math
 from .contract import FORWARD_DONE, NONFINITE_STATISTICS, RUNNING_OVERFLOW
-from .half import narrow, widen
+from .half import elementwise_coefficients, narrow, widen, zero_of
 from .prefetch import prefetch_element
 
 # Reassociation lets LLVM vectorize the float64 reductions; no 'nnan'/'ninf', so NaN and Inf
@@ -150,8 +150,12 @@ def relu_floor(like):
 
 @overload(relu_floor, inline="always")
 def _relu_floor(like):
-    dtype = np.float16 if like.dtype == nb_types.uint16 else np.dtype(str(like.dtype))
-    floor = feature_math.relu_floor(dtype)
+    if like.dtype == nb_types.uint16:
+        # float16's elementwise arithmetic is float32 (half.elementwise_coefficients); its
+        # floor, 2**-25, is exact there.
+        half_floor = feature_math.relu_floor(np.float16)
+        return lambda like: np.float32(half_floor)
+    floor = feature_math.relu_floor(np.dtype(str(like.dtype)))
     return lambda like: floor
 
 
@@ -165,7 +169,7 @@ def relu_passes(x, y, at, scale, shift):
 def _relu_passes(x, y, at, scale, shift):
     if isinstance(y, nb_types.NoneType):
         return lambda x, y, at, scale, shift: widen(x[at]) * scale + shift > relu_floor(x)
-    return lambda x, y, at, scale, shift: widen(y[at]) > 0.0
+    return lambda x, y, at, scale, shift: widen(y[at]) > zero_of(widen(y[at]))
 
 
 def run_of(a, o, c, start, stop):
@@ -489,10 +493,12 @@ def nonfinite_count(mean, var):
 # arithmetic is free; each element is loaded in its dtype and rounded once at the store.
 @njit(inline="always", **HELPER)
 def forward_value(x, residual, at, scale, shift, relu):
-    """``act(x*scale + shift [+ residual])`` of element ``at``, in float64 (ReLU keeps NaN)."""
+    """``act(x*scale + shift [+ residual])`` of element ``at``, in the type of ``scale`` (ReLU
+    keeps NaN)."""
     value = plus_residual(widen(x[at]) * scale + shift, residual, at)
     if relu:
-        value = 0.0 if value < 0.0 else value
+        zero = zero_of(value)
+        value = zero if value < zero else value
     return value
 
 
@@ -529,11 +535,14 @@ def scale_shift_planar(x, mean, var, gamma, beta, eps, residual, relu, chunk, y,
     scale = np.empty(features)
     shift = np.empty(features)
     normalize_coefficients(mean, var, gamma, beta, eps, invstd, scale, shift)
+    element_scale = elementwise_coefficients(scale, x)
+    element_shift = elementwise_coefficients(shift, x)
     items = planar_work(x, chunk)[1]
     threads = thread_count(max_threads, items)
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
-        scale_shift_items_planar(x, residual, scale, shift, relu, chunk, lo, hi, y)
+        scale_shift_items_planar(x, residual, element_scale, element_shift, relu, chunk, lo, hi,
+                                 y)
 
 
 @njit(**HELPER)
@@ -551,11 +560,14 @@ def scale_shift_channels_last(x3, mean, var, gamma, beta, eps, residual3, relu, 
     scale = np.empty(features)
     shift = np.empty(features)
     normalize_coefficients(mean, var, gamma, beta, eps, invstd, scale, shift)
+    element_scale = elementwise_coefficients(scale, x)
+    element_shift = elementwise_coefficients(shift, x)
     rows = x.shape[0]
     threads = thread_count(max_threads, rows)
     for t in prange(threads):
         lo, hi = thread_range(rows, threads, t)
-        scale_shift_items_channels_last(x, residual, scale, shift, relu, lo, hi, y)
+        scale_shift_items_channels_last(x, residual, element_scale, element_shift, relu, lo,
+                                        hi, y)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -564,7 +576,7 @@ def masked_gradient(dy, x, y, at, relu, scale, shift):
     """``g = dy`` of element ``at``, zeroed where the forward's ReLU output was not > 0."""
     g = widen(dy[at])
     if relu:
-        g = g if relu_passes(x, y, at, scale, shift) else 0.0
+        g = g if relu_passes(x, y, at, scale, shift) else zero_of(g)
     return g
 
 
@@ -626,14 +638,16 @@ def backward_reduce_planar(dy, x, gamma, beta, mean, invstd, relu, y, chunk, dga
     scale = np.empty(features)
     shift = np.empty(features)
     affine_coefficients(gamma, beta, mean, invstd, scale, shift)
+    element_scale = elementwise_coefficients(scale, x)
+    element_shift = elementwise_coefficients(shift, x)
     items = planar_work(x, chunk)[1]
     threads = thread_count(max_threads, items)
     sum_g = np.zeros((threads, features))
     sum_g_xmu = np.zeros((threads, features))
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
-        backward_reduce_items_planar(dy, x, y, mean, relu, scale, shift, chunk, lo, hi,
-                                     sum_g[t], sum_g_xmu[t])
+        backward_reduce_items_planar(dy, x, y, mean, relu, element_scale, element_shift, chunk,
+                                     lo, hi, sum_g[t], sum_g_xmu[t])
     merge_gradient_partials(sum_g, sum_g_xmu, invstd, dgamma, dbeta)
 
 
@@ -706,13 +720,15 @@ def backward_reduce_channels_last(dy3, x3, gamma, beta, mean, invstd, relu, y3, 
     scale = np.empty(features)
     shift = np.empty(features)
     affine_coefficients(gamma, beta, mean, invstd, scale, shift)
+    element_scale = elementwise_coefficients(scale, x)
+    element_shift = elementwise_coefficients(shift, x)
     threads = thread_count(max_threads, rows)
     sum_g = np.zeros((threads, features))
     sum_g_xmu = np.zeros((threads, features))
     for t in prange(threads):
         lo, hi = thread_range(rows, threads, t)
-        backward_reduce_items_channels_last(dy, x, y, mean, relu, scale, shift, lo, hi,
-                                            sum_g[t], sum_g_xmu[t])
+        backward_reduce_items_channels_last(dy, x, y, mean, relu, element_scale, element_shift,
+                                            lo, hi, sum_g[t], sum_g_xmu[t])
     merge_gradient_partials(sum_g, sum_g_xmu, invstd, dgamma, dbeta)
 
 
@@ -818,8 +834,8 @@ def backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, h
 @threaded_and_serial
 def backward_elementwise_planar(dy, x, gamma, beta, mean, invstd, dgamma, dbeta, count,
                                 batch_stats, relu, y, chunk, dx, dresidual, max_threads):
-    coefficients = backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count,
-                                    batch_stats)
+    coefficients = elementwise_coefficients(
+        backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count, batch_stats), x)
     items = planar_work(x, chunk)[1]
     threads = thread_count(max_threads, items)
     for t in prange(threads):
@@ -864,8 +880,8 @@ def backward_elementwise_channels_last(dy3, x3, gamma, beta, mean, invstd, dgamm
                                        batch_stats, relu, y3, dx3, dresidual3, max_threads):
     dy, x, y, dx, dresidual = (rows_of(dy3), rows_of(x3), rows_of(y3), rows_of(dx3),
                                rows_of(dresidual3))
-    coefficients = backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count,
-                                    batch_stats)
+    coefficients = elementwise_coefficients(
+        backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count, batch_stats), x)
     rows = x.shape[0]
     threads = thread_count(max_threads, rows)
     for t in prange(threads):
