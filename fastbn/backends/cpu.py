@@ -8,7 +8,8 @@ Outputs come from a pool of recycled buffers (``buffers.POOL``), so that a fresh
 faults do not add a pass.
 
 float16 arrays go to the kernels viewed as their uint16 bits (Numba's CPU target has no
-float16); the kernels convert each element exactly (``half``).
+float16); the kernels widen each element exactly to float32 and compute it there (``half``,
+``cpu_kernels``).
 
 Threads: inputs under ``SERIAL_BELOW`` elements run on the calling thread. A process forked
 from one that has run the threaded kernels runs them all serially (GNU OpenMP, Numba's usual
@@ -93,7 +94,7 @@ def moments(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     out = np.empty((2, features))
     if x3.shape[2] == 1:
         _launch(k.batch_moments_channels_last, x3.size, _bits(x3),
-                k.channels_last_block_rows(features), out[0], out[1])
+                k.channels_last_block_rows(features, x3.itemsize), out[0], out[1])
     else:
         _launch(k.batch_moments_planar, x3.size, _bits(x3), k.planar_chunk(x3.shape[2]),
                 out[0], out[1])
@@ -181,7 +182,7 @@ def forward_train(x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | N
     if x3.shape[2] == 1:
         status = k.forward_train_channels_last_serial(
             _bits(x3), gamma, beta, eps, running_mean, running_var, momentum, _bits(residual3),
-            relu, k.channels_last_block_rows(x3.shape[1]), _bits(y3), stats)
+            relu, k.channels_last_block_rows(x3.shape[1], x3.itemsize), _bits(y3), stats)
     else:
         status = k.forward_train_planar_serial(
             _bits(x3), gamma, beta, eps, running_mean, running_var, momentum, _bits(residual3),

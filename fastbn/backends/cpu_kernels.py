@@ -43,9 +43,14 @@ distance of the chunk from that mean, which Chan's merge adds to M2 anyway. It c
 element once (a two-pass chunk converts twice, and the conversions bound the loop) and
 vectorizes; per-element Welford would need a divide per element and does not.
 
-Elements are loaded with ``widen`` (float64) and stored with ``narrow`` (rounded once), which
-handle float16 given as its uint16 bits (``half``: F16C's conversions, which vectorize, where
-the CPU has them; exact software ones elsewhere). Kernels take ``max_threads`` as their last
+Elements are loaded with ``widen`` and stored with ``narrow`` (rounded once), which handle
+float16 given as its uint16 bits (``half``: F16C's conversions, which vectorize, where the CPU
+has them; exact software ones elsewhere). float32 and float64 elements are computed in
+float64. float16 elements are computed in float32, as PyTorch's CPU kernels do: the
+per-feature values are computed in float64 and rounded to float32
+(``elementwise_coefficients``), and the sums are kept in float32 for at most
+FLOAT32_SUM_TERMS terms, then added in float64; in float64 these passes were bound by their
+arithmetic, not by memory. Kernels take ``max_threads`` as their last
 argument: calling ``numba.get_num_threads()`` inside a kernel makes it uncacheable (a dynamic
 global), and every process would recompile. Outputs are arguments, never return values: a
 returned array costs about 0.6 us of boxing per call.
@@ -63,7 +68,7 @@ from numba.extending import overload
 
 from . import feature_math
 from .contract import FORWARD_DONE, NONFINITE_STATISTICS, RUNNING_OVERFLOW
-from .half import elementwise_coefficients, narrow, widen, zero_of
+from .half import elementwise_coefficients, elementwise_float, narrow, widen, zero_of
 from .prefetch import prefetch_element
 
 # Reassociation lets LLVM vectorize the float64 reductions; no 'nnan'/'ninf', so NaN and Inf
@@ -106,6 +111,11 @@ def threaded_and_serial(kernel):
 
 
 PLANAR_CHUNK = 4096        # elements of one row summed before a merge by batch_moments_planar
+# float16 elements are summed in float32 (as PyTorch's CPU kernels do; float64 cost twice the
+# time, the passes being compute-bound there), in sums of at most this many terms, which are
+# then added in float64: each float32 sum is then within 256 * 2**-24 = 1.5e-5 of the sum of
+# its terms' magnitudes, far below float16's own 2**-11.
+FLOAT32_SUM_TERMS = 256
 BLOCK_ELEMENTS = 65536     # elements in a block of channels-last rows summed before a merge
 MIN_BLOCK_ROWS = 8         # keeps the per-block merge cheap when C is very large
 
@@ -183,6 +193,30 @@ def _run_of(a, o, c, start, stop):
     return lambda a, o, c, start, stop: a[o, c, start:stop]
 
 
+def summed_in_float32(a):
+    """Whether the elements of ``a`` are summed in float32 parts (float16's, see
+    FLOAT32_SUM_TERMS): a constant of the compiled function, so the other branch of an
+    ``if`` on it compiles away (``a.itemsize`` is read at run time)."""
+
+
+@overload(summed_in_float32, inline="always")
+def _summed_in_float32(a):
+    if a.dtype == nb_types.uint16:
+        return lambda a: True
+    return lambda a: False
+
+
+def part_of(a, start, stop):
+    """``a[start:stop]`` of an optional 1-D array (None stays None)."""
+
+
+@overload(part_of, inline="always")
+def _part_of(a, start, stop):
+    if isinstance(a, nb_types.NoneType):
+        return lambda a, start, stop: None
+    return lambda a, start, stop: a[start:stop]
+
+
 def row_of(a, r):
     """Row ``a[r]`` of an optional array (None stays None)."""
 
@@ -206,18 +240,37 @@ def _rows_of(a):
 
 
 @njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH)
-def pivoted_chunk_moments(run, pivot):
-    """Count, mean and sum of squared deviations of a 1-D run, in one pass of sums shifted by
-    ``pivot`` (a value near the run's mean, so the two sums do not cancel)."""
-    total = 0.0
-    total_sq = 0.0
-    for i in range(run.size):
-        d = widen(run[i]) - pivot
+def pivoted_part_sums(part, pivot):
+    """``sum(part - pivot)`` and the sum of its squares, in the type of ``pivot``."""
+    total = zero_of(pivot)
+    total_sq = zero_of(pivot)
+    for i in range(part.size):
+        d = widen(part[i]) - pivot
         total += d
         total_sq += d * d
+    return total, total_sq
+
+
+@njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH)
+def pivoted_chunk_moments(run, pivot):
+    """Count, mean and sum of squared deviations of a 1-D run, in one pass of sums shifted by
+    ``pivot`` (a value near the run's mean, so the two sums do not cancel). float16 runs are
+    summed in float32 parts of at most FLOAT32_SUM_TERMS elements, about the pivot rounded to
+    float32; the parts are added in float64."""
+    element_pivot = elementwise_float(pivot, run)
+    if not summed_in_float32(run):
+        total, total_sq = pivoted_part_sums(run, element_pivot)
+    else:
+        total = 0.0
+        total_sq = 0.0
+        for start in range(0, run.size, FLOAT32_SUM_TERMS):
+            part_total, part_total_sq = pivoted_part_sums(run[start:start + FLOAT32_SUM_TERMS],
+                                                          element_pivot)
+            total += part_total
+            total_sq += part_total_sq
     count = float(run.size)
     shifted_mean = total / count
-    return count, pivot + shifted_mean, max(total_sq - total * shifted_mean, 0.0)
+    return count, element_pivot + shifted_mean, max(total_sq - total * shifted_mean, 0.0)
 
 
 @njit(**HELPER)
@@ -393,9 +446,10 @@ def sweep_pivoted_sums(x, r0, r1, pivot, total, total_sq):
 @njit(**HELPER)
 def moments_items_channels_last(x, block_rows, lo, hi, count, mean, m2):
     rows, features = x.shape
-    pivot = np.empty(features)
-    total = np.empty(features)
-    total_sq = np.empty(features)
+    # float32 for float16 (see FLOAT32_SUM_TERMS; channels_last_block_rows bounds the terms)
+    pivot = elementwise_coefficients(np.empty(features), x)
+    total = elementwise_coefficients(np.empty(features), x)
+    total_sq = elementwise_coefficients(np.empty(features), x)
     for b in range(lo, hi):
         r0 = b * block_rows
         r1 = min(r0 + block_rows, rows)
@@ -581,13 +635,31 @@ def masked_gradient(dy, x, y, at, relu, scale, shift):
 
 
 @njit(inline="always", **HELPER)
+def backward_reduce_part(dy_part, x_part, y_part, mu, relu, scale, shift):
+    """``sum(g)`` and ``sum(g * (x - mu))`` of a run, in the type of ``mu``."""
+    sum_g = zero_of(mu)
+    sum_g_xmu = zero_of(mu)
+    for i in range(x_part.size):
+        g = masked_gradient(dy_part, x_part, y_part, i, relu, scale, shift)
+        sum_g += g
+        sum_g_xmu += g * (widen(x_part[i]) - mu)
+    return sum_g, sum_g_xmu
+
+
+@njit(inline="always", **HELPER)
 def backward_reduce_run(dy_run, x_run, y_run, mu, relu, scale, shift):
+    """The run's sums in float64 (float16's from float32 parts of FLOAT32_SUM_TERMS)."""
+    if not summed_in_float32(x_run):
+        return backward_reduce_part(dy_run, x_run, y_run, mu, relu, scale, shift)
     sum_g = 0.0
     sum_g_xmu = 0.0
-    for i in range(x_run.size):
-        g = masked_gradient(dy_run, x_run, y_run, i, relu, scale, shift)
-        sum_g += g
-        sum_g_xmu += g * (widen(x_run[i]) - mu)
+    for start in range(0, x_run.size, FLOAT32_SUM_TERMS):
+        stop = start + FLOAT32_SUM_TERMS
+        part_g, part_g_xmu = backward_reduce_part(dy_run[start:stop], x_run[start:stop],
+                                                  part_of(y_run, start, stop), mu, relu, scale,
+                                                  shift)
+        sum_g += part_g
+        sum_g_xmu += part_g_xmu
     return sum_g, sum_g_xmu
 
 
@@ -619,14 +691,18 @@ def backward_reduce_items_planar(dy, x, y, mean, relu, scale, shift, chunk, lo, 
 
 
 @njit(**HELPER)
-def merge_gradient_partials(sum_g, sum_g_xmu, invstd, dgamma, dbeta):
-    """``dbeta = sum(g)``, ``dgamma = sum(g * (x - mean)) * invstd`` from ``(T, C)`` partials."""
+def merge_gradient_partials(sum_g, sum_g_xmu, pivot, mean, invstd, dgamma, dbeta):
+    """``dbeta = sum(g)``, ``dgamma = sum(g * (x - mean)) * invstd`` from ``(T, C)`` partials of
+    ``sum(g)`` and ``sum(g * (x - pivot))``. The pivot is the mean as the elements were
+    computed with (float32 for float16), recentred here on the float64 mean."""
     threads, features = sum_g.shape
     for c in range(features):
         s, p = 0.0, 0.0
         for t in range(threads):
             s += sum_g[t, c]
             p += sum_g_xmu[t, c]
+        if pivot[c] != mean[c]:
+            p += (np.float64(pivot[c]) - mean[c]) * s
         dbeta[c] = s
         dgamma[c] = p * invstd[c]
 
@@ -640,15 +716,16 @@ def backward_reduce_planar(dy, x, gamma, beta, mean, invstd, relu, y, chunk, dga
     affine_coefficients(gamma, beta, mean, invstd, scale, shift)
     element_scale = elementwise_coefficients(scale, x)
     element_shift = elementwise_coefficients(shift, x)
+    element_mean = elementwise_coefficients(mean, x)
     items = planar_work(x, chunk)[1]
     threads = thread_count(max_threads, items)
     sum_g = np.zeros((threads, features))
     sum_g_xmu = np.zeros((threads, features))
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
-        backward_reduce_items_planar(dy, x, y, mean, relu, element_scale, element_shift, chunk,
-                                     lo, hi, sum_g[t], sum_g_xmu[t])
-    merge_gradient_partials(sum_g, sum_g_xmu, invstd, dgamma, dbeta)
+        backward_reduce_items_planar(dy, x, y, element_mean, relu, element_scale, element_shift,
+                                     chunk, lo, hi, sum_g[t], sum_g_xmu[t])
+    merge_gradient_partials(sum_g, sum_g_xmu, element_mean, mean, invstd, dgamma, dbeta)
 
 
 # As in the statistics, a trip of 4 rows loads and stores the float64 sums once per 4 elements.
@@ -695,8 +772,8 @@ def reduce_four_row_trips(dy, x, y, mean, relu, scale, shift, lo, hi, sum_g, sum
 
 
 @njit(**HELPER)
-def backward_reduce_items_channels_last(dy, x, y, mean, relu, scale, shift, lo, hi,
-                                        sum_g, sum_g_xmu):
+def backward_reduce_rows_channels_last(dy, x, y, mean, relu, scale, shift, lo, hi,
+                                       sum_g, sum_g_xmu):
     r0 = lo
     if reduce_trip_rows(x) == 4:
         if relu:
@@ -712,6 +789,28 @@ def backward_reduce_items_channels_last(dy, x, y, mean, relu, scale, shift, lo, 
             sum_g_xmu[c] += g * (widen(x[r, c]) - mean[c])
 
 
+@njit(**HELPER)
+def backward_reduce_items_channels_last(dy, x, y, mean, relu, scale, shift, lo, hi,
+                                        sum_g, sum_g_xmu):
+    """Rows ``[lo, hi)`` added to the float64 sums, in blocks whose sums each feature keeps in
+    the type of ``mean``: float16's float32 sums get at most FLOAT32_SUM_TERMS 4-row trips."""
+    if not summed_in_float32(x):
+        backward_reduce_rows_channels_last(dy, x, y, mean, relu, scale, shift, lo, hi, sum_g,
+                                           sum_g_xmu)
+        return
+    block_rows = 4 * FLOAT32_SUM_TERMS
+    block_g = elementwise_coefficients(np.empty(x.shape[1]), x)
+    block_g_xmu = elementwise_coefficients(np.empty(x.shape[1]), x)
+    for r0 in range(lo, hi, block_rows):
+        block_g[:] = 0.0
+        block_g_xmu[:] = 0.0
+        backward_reduce_rows_channels_last(dy, x, y, mean, relu, scale, shift, r0,
+                                           min(r0 + block_rows, hi), block_g, block_g_xmu)
+        for c in range(x.shape[1]):
+            sum_g[c] += block_g[c]
+            sum_g_xmu[c] += block_g_xmu[c]
+
+
 @threaded_and_serial
 def backward_reduce_channels_last(dy3, x3, gamma, beta, mean, invstd, relu, y3, dgamma, dbeta,
                                   max_threads):
@@ -722,14 +821,15 @@ def backward_reduce_channels_last(dy3, x3, gamma, beta, mean, invstd, relu, y3, 
     affine_coefficients(gamma, beta, mean, invstd, scale, shift)
     element_scale = elementwise_coefficients(scale, x)
     element_shift = elementwise_coefficients(shift, x)
+    element_mean = elementwise_coefficients(mean, x)
     threads = thread_count(max_threads, rows)
     sum_g = np.zeros((threads, features))
     sum_g_xmu = np.zeros((threads, features))
     for t in prange(threads):
         lo, hi = thread_range(rows, threads, t)
-        backward_reduce_items_channels_last(dy, x, y, mean, relu, element_scale, element_shift,
-                                            lo, hi, sum_g[t], sum_g_xmu[t])
-    merge_gradient_partials(sum_g, sum_g_xmu, invstd, dgamma, dbeta)
+        backward_reduce_items_channels_last(dy, x, y, element_mean, relu, element_scale,
+                                            element_shift, lo, hi, sum_g[t], sum_g_xmu[t])
+    merge_gradient_partials(sum_g, sum_g_xmu, element_mean, mean, invstd, dgamma, dbeta)
 
 
 @njit(**HELPER)
@@ -965,5 +1065,8 @@ def planar_chunk(inner: int) -> int:
     return -(-inner // n_chunks)
 
 
-def channels_last_block_rows(features: int) -> int:
-    return max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // features)
+def channels_last_block_rows(features: int, itemsize: int) -> int:
+    """Rows of a channels-last statistics block: float16 blocks (summed in float32, 4 rows to
+    a trip) give each feature's sum at most FLOAT32_SUM_TERMS terms."""
+    rows = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // features)
+    return min(rows, 4 * FLOAT32_SUM_TERMS) if itemsize == 2 else rows
