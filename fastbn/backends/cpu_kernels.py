@@ -116,6 +116,9 @@ PLANAR_CHUNK = 4096        # elements of one row summed before a merge by batch_
 # then added in float64: each float32 sum is then within 256 * 2**-24 = 1.5e-5 of the sum of
 # its terms' magnitudes, far below float16's own 2**-11.
 FLOAT32_SUM_TERMS = 256
+# Channels-last rows summed in one float32 block: 4-row trips give each feature's sum
+# FLOAT32_SUM_TERMS terms.
+FLOAT32_SUM_ROWS = 4 * FLOAT32_SUM_TERMS
 BLOCK_ELEMENTS = 65536     # elements in a block of channels-last rows summed before a merge
 MIN_BLOCK_ROWS = 8         # keeps the per-block merge cheap when C is very large
 
@@ -798,12 +801,12 @@ def backward_reduce_rows_channels_last(dy, x, y, mean, relu, scale, shift, lo, h
 def backward_reduce_items_channels_last(dy, x, y, mean, relu, scale, shift, lo, hi,
                                         sum_g, sum_g_xmu):
     """Rows ``[lo, hi)`` added to the float64 sums, in blocks whose sums each feature keeps in
-    the type of ``mean``: float16's float32 sums get at most FLOAT32_SUM_TERMS 4-row trips."""
+    the type of ``mean``: float16's float32 sums get at most FLOAT32_SUM_ROWS rows."""
     if not summed_in_float32(x):
         backward_reduce_rows_channels_last(dy, x, y, mean, relu, scale, shift, lo, hi, sum_g,
                                            sum_g_xmu)
         return
-    block_rows = 4 * FLOAT32_SUM_TERMS
+    block_rows = FLOAT32_SUM_ROWS
     block_g = elementwise_coefficients(np.empty(x.shape[1]), x)
     block_g_xmu = elementwise_coefficients(np.empty(x.shape[1]), x)
     for r0 in range(lo, hi, block_rows):
@@ -1086,7 +1089,6 @@ def planar_chunk(inner: int) -> int:
 
 
 def channels_last_block_rows(features: int, itemsize: int) -> int:
-    """Rows of a channels-last statistics block: float16 blocks (summed in float32, 4 rows to
-    a trip) give each feature's sum at most FLOAT32_SUM_TERMS terms."""
+    """Rows of a channels-last statistics block (float16's at most FLOAT32_SUM_ROWS)."""
     rows = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // features)
-    return min(rows, 4 * FLOAT32_SUM_TERMS) if itemsize == 2 else rows
+    return min(rows, FLOAT32_SUM_ROWS) if itemsize == 2 else rows
