@@ -12,8 +12,8 @@ Every pass runs the same steps in the same order, and only this module calls the
 
 In one process, statistics, checks, update and kernel are one call, ``backend.forward_train``
 (and ``backend.backward`` for both backward passes), which runs exactly these steps
-(``backends/composed.py``) and lets the cpu backend fuse them into one compiled call on small
-inputs, where each call's overhead costs as much as its work. Under MPI the pipeline runs the
+(``backends/composed.py``) and lets the cpu backend run them as one compiled call, where at
+training sizes each call's overhead costs as much as its work. Under MPI the pipeline runs the
 steps itself, merging the statistics (and the gradient sums) across ranks in between.
 
 The functional API validates its arguments and calls these functions; a layer holds its state

@@ -31,6 +31,15 @@ def test_small_arrays_are_not_pooled():
     assert pool._buffers == []
 
 
+def test_empty_like_pools_only_large_outputs():
+    pool = BufferPool()
+    small = pool.empty_like(np.zeros((3, 10, 1), np.float16))
+    assert small.shape == (3, 10, 1) and small.dtype == np.float16 and pool._buffers == []
+    large = pool.empty_like(np.zeros((2, N // 2, 1), np.float32))
+    assert large.shape == (2, N // 2, 1) and large.dtype == np.float32
+    assert large.flags.c_contiguous and len(pool._buffers) == 1
+
+
 def test_idle_buffers_beyond_the_limit_are_released():
     pool = BufferPool(max_idle_bytes=3 * MIN_POOLED_BYTES)
     arrays = [pool.empty((N,), np.float32) for _ in range(3)]

@@ -8,6 +8,7 @@ does), so the merges of partials are exercised beyond the machine's thread count
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -100,6 +101,46 @@ def test_forward_and_backward_match_reference(mode, shape3, dtype, fused, batch_
     ref.assert_close(dx3, expected[0], dtype, what="dx")
     if dresidual is not None:
         np.testing.assert_array_equal(_f64(dresidual), expected[3])  # g itself: dy or 0
+
+
+@pytest.mark.parametrize("shape3", SHAPES3)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", ["plain", "relu", "residual+relu"])
+def test_whole_passes_give_bitwise_their_steps(mode, shape3, dtype, fused):
+    """cpu.forward_train / cpu.backward (one compiled call: cpu_kernels.whole_pass) against the
+    separate step calls, run the same way (serial, threaded, or in 7 serial partials)."""
+    x, dy, gamma, beta = _inputs(shape3, dtype)
+    residual = ref.random_array(shape3, dtype, seed=9) if "residual" in fused else None
+    relu = "relu" in fused
+    C = shape3[1]
+    running = [np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)]
+    y3, mean, var, invstd, status = cpu.forward_train(x, gamma, beta, EPS, *running, 0.25,
+                                                      None, residual, relu)
+    assert status == cpu_kernels.FORWARD_DONE
+    step_mean, step_var = cpu.moments(x)
+    step_running = [np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)]
+    assert cpu.update_running_stats(*step_running, step_mean, step_var,
+                                    shape3[0] * shape3[2], 0.25)
+    step_y3, step_invstd = cpu.normalize(x, step_mean, step_var, gamma, beta, EPS, None,
+                                         residual, relu)
+    for got, expected in zip((y3, mean, var, invstd, *running),
+                             (step_y3, step_mean, step_var, step_invstd, *step_running)):
+        np.testing.assert_array_equal(got, expected)
+
+    y_for_mask = y3 if residual is not None else None
+    count = shape3[0] * shape3[2]
+    dresidual, step_dresidual = (np.empty_like(x), np.empty_like(x)) if residual is not None \
+        else (None, None)
+    dx3, dgamma, dbeta = cpu.backward(dy, x, gamma, beta, mean, invstd, count, True, None,
+                                      relu, y_for_mask, dresidual)
+    step_dgamma, step_dbeta = cpu.backward_reduce(dy, x, gamma, beta, mean, invstd, relu,
+                                                  y_for_mask)
+    step_dx3 = cpu.backward_elementwise(dy, x, gamma, beta, mean, invstd, step_dgamma,
+                                        step_dbeta, count, True, None, relu, y_for_mask,
+                                        step_dresidual)
+    for got, expected in zip((dx3, dgamma, dbeta, dresidual),
+                             (step_dx3, step_dgamma, step_dbeta, step_dresidual)):
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("shape3", SHAPES3)
@@ -330,6 +371,31 @@ def test_update_running_stats_refuses_what_its_dtype_cannot_hold(bad):
     wide_mean, wide_var = np.zeros(3), np.ones(3)
     fits = bad != "nan"  # 1e39 and -1e40 are finite in float64
     assert cpu.update_running_stats(wide_mean, wide_var, mean, var, 8, 0.5) is fits
+
+
+INHERITED_FASTMATH_SCRIPT = """
+import numpy as np
+from fastbn.backends import cpu_kernels as k
+
+x = np.random.default_rng(0).standard_normal((5, 3, 1))
+# compiles the checks first, as callees of a fast-math whole pass
+k.SERIAL["forward_train_channels_last"](x, None, None, 1e-5, np.zeros(3), np.ones(3), 0.1,
+                                        None, False, 8, np.empty_like(x), np.empty((3, 3)))
+mean, var = np.array([1.0, 2.0, 3.0]), np.array([np.nan, 1.0, 1.0])
+print(k.nonfinite_count(mean, var), k.update_running_stats(np.zeros(3), np.ones(3), mean, var,
+                                                           8, 0.5))
+"""
+
+
+def test_checks_compiled_first_by_a_fast_math_caller_still_see_nan(tmp_path):
+    """Numba compiles a callee whose fastmath is unset with its caller's flags, and direct
+    calls then reuse that compilation; the checks set fastmath=False, so NaN is seen whoever
+    compiles them first (a fresh cache directory makes this process compile them)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", INHERITED_FASTMATH_SCRIPT], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["1", "False"]
 
 
 def test_nonfinite_features():

@@ -1,8 +1,9 @@
 """Whole passes composed from a backend's step operations (``contract.Backend``).
 
 These define the contract's ``forward_train`` and ``backward``: the numpy and cuda backends use
-them as they are, the cpu backend on inputs large enough that a call per step costs nothing
-next to the pass (on small ones it runs the same steps in one compiled call).
+them as they are; the cpu backend runs the same steps in one compiled call
+(``cpu_kernels.whole_pass``), where the Python between separate calls would cost as much as
+the work at training sizes.
 """
 
 from __future__ import annotations

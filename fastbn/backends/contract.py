@@ -162,7 +162,7 @@ class Backend(Protocol):
 
         Exactly :func:`fastbn.backends.composed.forward_train`: :meth:`moments`, the finite
         check, :meth:`update_running_stats` with ``count = outer * inner``, :meth:`normalize`;
-        a backend may run them as one call (the cpu backend does on small inputs). ``status``
+        a backend may run them as one call (the cpu backend does). ``status``
         is :data:`FORWARD_DONE`, or :data:`NONFINITE_STATISTICS` / :data:`RUNNING_OVERFLOW`,
         where only ``mean`` and ``var`` are meaningful and nothing else was written.
         """
@@ -174,7 +174,7 @@ class Backend(Protocol):
         """The backward of one process: ``(dx3, dgamma, dbeta)``.
 
         Exactly :func:`fastbn.backends.composed.backward`: :meth:`backward_reduce`, then
-        :meth:`backward_elementwise` with its sums (one call on the cpu backend's small inputs).
+        :meth:`backward_elementwise` with its sums (one compiled call on the cpu backend).
         """
 
 

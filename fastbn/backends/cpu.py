@@ -20,13 +20,12 @@ as the number of partials, so the child's results are bitwise the parent's.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
 import numba
 import numpy as np
 
-from . import composed, host
+from . import host
 from . import cpu_kernels as k
 from .buffers import POOL
 from .contract import FORWARD_DONE
@@ -64,18 +63,19 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _launch(kernel, size: int, *args) -> None:
+def _launch(kernel, size: int, *args):
+    """Run a kernel (or whole pass) on ``size`` elements, threaded or serially; its result."""
     global _layer_is_threadsafe
     if size < SERIAL_BELOW:
-        k.SERIAL[kernel.__name__](*args, 1)
-    elif _forked_child:
-        k.SERIAL[kernel.__name__](*args, numba.get_num_threads())
-    elif _layer_is_threadsafe:
-        kernel(*args, numba.get_num_threads())
-    else:
-        with _launch_lock:
-            kernel(*args, numba.get_num_threads())
-            _layer_is_threadsafe = numba.threading_layer() != "workqueue"
+        return k.SERIAL[kernel.__name__](*args)  # one thread: max_threads omitted, a constant
+    if _forked_child:
+        return k.SERIAL[kernel.__name__](*args, numba.get_num_threads())
+    if _layer_is_threadsafe:
+        return kernel(*args, numba.get_num_threads())
+    with _launch_lock:
+        result = kernel(*args, numba.get_num_threads())
+        _layer_is_threadsafe = numba.threading_layer() != "workqueue"
+    return result
 
 
 def _bits(a: np.ndarray | None) -> np.ndarray | None:
@@ -119,7 +119,7 @@ def normalize(x3: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarr
               residual3: np.ndarray | None = None, relu: bool = False
               ) -> tuple[np.ndarray, np.ndarray]:
     """``y = act(x * scale + shift [+ residual])``; returns ``(y3, invstd)`` (see contract)."""
-    y3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
+    y3 = POOL.empty_like(x3) if out3 is None else out3
     invstd = np.empty(x3.shape[1])
     if x3.shape[2] == 1:
         _launch(k.scale_shift_channels_last, x3.size, _bits(x3), mean, var, gamma, beta, eps,
@@ -152,7 +152,7 @@ def backward_elementwise(dy3: np.ndarray, x3: np.ndarray, gamma: np.ndarray | No
                          y3: np.ndarray | None = None, dresidual3: np.ndarray | None = None
                          ) -> np.ndarray:
     """``dx = g * dy_scale + x * x_scale + dx_shift`` (and ``dresidual = g``); returns dx3."""
-    dx3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
+    dx3 = POOL.empty_like(x3) if out3 is None else out3
     if x3.shape[2] == 1:
         _launch(k.backward_elementwise_channels_last, x3.size, _bits(dy3), _bits(x3), gamma,
                 beta, mean, invstd, dgamma, dbeta, count, batch_stats, relu, _bits(y3),
@@ -165,28 +165,22 @@ def backward_elementwise(dy3: np.ndarray, x3: np.ndarray, gamma: np.ndarray | No
 
 
 # ----------------------------------------------------------------------------- whole passes
-_SELF = sys.modules[__name__]
-
-
 def forward_train(x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float,
                   running_mean: np.ndarray | None, running_var: np.ndarray | None,
                   momentum: float, out3: np.ndarray | None = None,
                   residual3: np.ndarray | None = None, relu: bool = False
                   ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """``(y3, mean, var, invstd, status)`` (see contract); one compiled call on small inputs."""
-    if x3.size >= SERIAL_BELOW:
-        return composed.forward_train(_SELF, x3, gamma, beta, eps, running_mean, running_var,
-                                      momentum, out3, residual3, relu)
-    y3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
+    """``(y3, mean, var, invstd, status)`` (see contract), in one compiled call."""
+    y3 = POOL.empty_like(x3) if out3 is None else out3
     stats = np.empty((3, x3.shape[1]))
     if x3.shape[2] == 1:
-        status = k.forward_train_channels_last_serial(
-            _bits(x3), gamma, beta, eps, running_mean, running_var, momentum, _bits(residual3),
-            relu, k.channels_last_block_rows(x3.shape[1], x3.itemsize), _bits(y3), stats)
+        status = _launch(k.forward_train_channels_last, x3.size, _bits(x3), gamma, beta, eps,
+                         running_mean, running_var, momentum, _bits(residual3), relu,
+                         k.channels_last_block_rows(x3.shape[1], x3.itemsize), _bits(y3), stats)
     else:
-        status = k.forward_train_planar_serial(
-            _bits(x3), gamma, beta, eps, running_mean, running_var, momentum, _bits(residual3),
-            relu, k.planar_chunk(x3.shape[2]), _bits(y3), stats)
+        status = _launch(k.forward_train_planar, x3.size, _bits(x3), gamma, beta, eps,
+                         running_mean, running_var, momentum, _bits(residual3), relu,
+                         k.planar_chunk(x3.shape[2]), _bits(y3), stats)
     if status != FORWARD_DONE:
         return None, stats[0], stats[1], None, status
     return y3, stats[0], stats[1], stats[2], status
@@ -196,18 +190,15 @@ def backward(dy3: np.ndarray, x3: np.ndarray, gamma: np.ndarray | None, beta: np
              mean: np.ndarray, invstd: np.ndarray, count: int, batch_stats: bool,
              out3: np.ndarray | None = None, relu: bool = False, y3: np.ndarray | None = None,
              dresidual3: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(dx3, dgamma, dbeta)`` (see contract); one compiled call on small inputs."""
-    if x3.size >= SERIAL_BELOW:
-        return composed.backward(_SELF, dy3, x3, gamma, beta, mean, invstd, count, batch_stats,
-                                 out3, relu, y3, dresidual3)
-    dx3 = POOL.empty(x3.shape, x3.dtype) if out3 is None else out3
+    """``(dx3, dgamma, dbeta)`` (see contract), in one compiled call."""
+    dx3 = POOL.empty_like(x3) if out3 is None else out3
     grads = np.empty((2, x3.shape[1]))
     if x3.shape[2] == 1:
-        k.backward_channels_last_serial(_bits(dy3), _bits(x3), gamma, beta, mean, invstd, count,
-                                        batch_stats, relu, _bits(y3), _bits(dx3),
-                                        _bits(dresidual3), grads)
+        _launch(k.backward_channels_last, x3.size, _bits(dy3), _bits(x3), gamma, beta, mean,
+                invstd, count, batch_stats, relu, _bits(y3), _bits(dx3), _bits(dresidual3),
+                grads)
     else:
-        k.backward_planar_serial(_bits(dy3), _bits(x3), gamma, beta, mean, invstd, count,
-                                 batch_stats, relu, _bits(y3), k.planar_chunk(x3.shape[2]),
-                                 _bits(dx3), _bits(dresidual3), grads)
+        _launch(k.backward_planar, x3.size, _bits(dy3), _bits(x3), gamma, beta, mean, invstd,
+                count, batch_stats, relu, _bits(y3), k.planar_chunk(x3.shape[2]), _bits(dx3),
+                _bits(dresidual3), grads)
     return dx3, grads[0], grads[1]
