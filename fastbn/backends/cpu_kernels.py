@@ -108,11 +108,17 @@ def threaded_and_serial(kernel):
     the same T partials as the threaded one, so it gives bitwise the same result (a forked
     child uses that). The copy gets its own name, so the two compilations cache apart.
     """
-    serial = types.FunctionType(kernel.__code__, kernel.__globals__, kernel.__name__ + "_serial",
-                                kernel.__defaults__, kernel.__closure__)
-    serial.__qualname__ = kernel.__qualname__ + "_serial"
-    SERIAL[kernel.__name__] = njit(**SERIAL_KERNEL)(serial)
+    SERIAL[kernel.__name__] = njit(**SERIAL_KERNEL)(_serial_copy(kernel, kernel.__globals__))
     return njit(**KERNEL)(kernel)
+
+
+def _serial_copy(function, names):
+    """``function`` named ``<name>_serial`` (so its compilation caches apart), reading its
+    global names from ``names``."""
+    serial = types.FunctionType(function.__code__, names, function.__name__ + "_serial",
+                                function.__defaults__, function.__closure__)
+    serial.__qualname__ = function.__qualname__ + "_serial"
+    return serial
 
 
 PLANAR_CHUNK = 4096        # elements of one row summed before a merge by batch_moments_planar
@@ -1041,10 +1047,7 @@ def whole_pass(steps):
     ``SERIAL`` with every threaded kernel it names replaced by that kernel's serial compilation.
     It is a plain call sequence with no prange of its own. The serial twin sees the module's
     names as they are when it is decorated, so whole passes come after everything they call."""
-    serial_globals = {**steps.__globals__, **SERIAL}
-    serial = types.FunctionType(steps.__code__, serial_globals, steps.__name__ + "_serial",
-                                steps.__defaults__, steps.__closure__)
-    serial.__qualname__ = steps.__qualname__ + "_serial"
+    serial = _serial_copy(steps, {**steps.__globals__, **SERIAL})
     SERIAL[steps.__name__] = njit(**SERIAL_KERNEL)(serial)
     return njit(**SERIAL_KERNEL)(steps)
 
