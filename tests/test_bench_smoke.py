@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -30,7 +31,7 @@ from fastbn.bench.roofline import (PASS_STREAMS, PASSES, Bandwidth, BandwidthSch
 from fastbn.bench.rows import SCHEMA, Row
 from fastbn.bench.stats import Ratio, speedup
 from fastbn.bench.targets import NO_TORCH, TARGETS, Target, compile_time_verdict, evaluate
-from fastbn.bench.timing import time_body, time_interleaved
+from fastbn.bench.timing import time_body, time_interleaved, time_round_robin
 
 REPO = Path(__file__).resolve().parents[1]
 # float16: the naive backend computes in float32 and fastbn in float64, each rounding once, so
@@ -212,6 +213,31 @@ def test_time_body_warms_up_and_takes_the_median():
     assert timing.repeats == 3 and timing.number >= 1
     assert len(calls) == 1 + 1 + 3 * timing.number  # warm-up, calibration, samples
     assert 0 < timing.min_s <= timing.median_s
+
+
+def test_time_round_robin_alternates_calibrated_samples():
+    order = []
+
+    def body(name, seconds):
+        def run():
+            order.append(name)
+            time.sleep(seconds)
+        return run
+
+    # "slow" lasts a sample by itself (its calibration call is its first sample); "fast" is
+    # repeated within each sample.
+    timings = time_round_robin({"fast": body("fast", 0.0), "slow": body("slow", 0.003)},
+                               repeats=3, min_sample_s=0.002, warmup=1)
+    assert timings["slow"].number == 1 and timings["fast"].number > 1
+    assert {n: t.repeats for n, t in timings.items()} == {"fast": 3, "slow": 3}
+    assert order.count("slow") == 1 + 3  # warm-up, then 3 samples (the first is calibration)
+    assert order.count("fast") == 1 + 1 + 3 * timings["fast"].number
+    # after the calibrations, samples alternate: each round has one of each
+    timed = order[order.index("slow") + 2:]
+    runs = [name for i, name in enumerate(timed) if i == 0 or timed[i - 1] != name]
+    assert runs == ["fast", "slow", "fast"]  # round 2 starts with "slow", which is done
+    with pytest.raises(ValueError):
+        time_round_robin({"a": body("a", 0.0)}, repeats=0)
 
 
 def test_time_interleaved_times_single_calls_of_each_body():
@@ -409,7 +435,7 @@ def test_cuda_rows_use_the_gpu_roofline():
     schedule = BandwidthSchedule(measure=lambda array_bytes, runs: host)
     rows, failures = measure.run_section(
         measure.SECTIONS["pass"], [cases.TINY_CASES[0]], ["float32"], ["numpy", "cuda"],
-        ["forward-eval"], measure.sequential_timer(1, 1e-4), schedule, progress=None)
+        ["forward-eval"], measure.round_robin_timer(1, 1e-4), schedule, progress=None)
     assert failures == []
     measure.apply_roofline(rows, schedule.finish(), gpu)
     by_impl = {r.implementation: r for r in rows}

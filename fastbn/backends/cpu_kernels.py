@@ -72,6 +72,7 @@ from . import feature_math
 from .contract import FORWARD_DONE, NONFINITE_STATISTICS, RUNNING_OVERFLOW
 from .half import elementwise_coefficients, elementwise_float, narrow, widen, zero_of
 from .prefetch import prefetch_element
+from .stores import store
 
 # Reassociation lets LLVM vectorize the float64 reductions; no 'nnan'/'ninf', so NaN and Inf
 # still propagate to the statistics, where the non-finite check looks for them. No 'contract'
@@ -571,13 +572,14 @@ def forward_value(x, residual, at, scale, shift, relu):
 
 
 @njit(inline="always", **HELPER)
-def scale_shift_run(x_run, residual_run, scale, shift, relu, y_run):
+def scale_shift_run(x_run, residual_run, scale, shift, relu, y_run, streaming):
     for i in range(x_run.size):
-        y_run[i] = narrow(forward_value(x_run, residual_run, i, scale, shift, relu), y_run)
+        store(y_run, i, narrow(forward_value(x_run, residual_run, i, scale, shift, relu), y_run),
+              streaming)
 
 
 @njit(**HELPER)
-def scale_shift_items_planar(x, residual, scale, shift, relu, chunk, lo, hi, y):
+def scale_shift_items_planar(x, residual, scale, shift, relu, chunk, lo, hi, y, streaming):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
     o0, o1 = planar_outer_span(lo, hi, features, n_chunks)
@@ -586,19 +588,19 @@ def scale_shift_items_planar(x, residual, scale, shift, relu, chunk, lo, hi, y):
         for c in range(c0, c1):
             if n_chunks == 1:
                 scale_shift_run(x[o, c, 0:inner], run_of(residual, o, c, 0, inner),
-                                scale[c], shift[c], relu, y[o, c, 0:inner])
+                                scale[c], shift[c], relu, y[o, c, 0:inner], streaming)
             else:
                 p0, p1 = planar_piece_span(o, c, lo, hi, features, n_chunks)
                 for piece in range(p0, p1):
                     start = piece * chunk
                     stop = min(start + chunk, inner)
                     scale_shift_run(x[o, c, start:stop], run_of(residual, o, c, start, stop),
-                                    scale[c], shift[c], relu, y[o, c, start:stop])
+                                    scale[c], shift[c], relu, y[o, c, start:stop], streaming)
 
 
 @threaded_and_serial
 def scale_shift_planar(x, mean, var, gamma, beta, eps, residual, relu, chunk, y, invstd,
-                       max_threads=1):
+                       streaming=False, max_threads=1):
     features = x.shape[1]
     scale = np.empty(features)
     shift = np.empty(features)
@@ -610,19 +612,20 @@ def scale_shift_planar(x, mean, var, gamma, beta, eps, residual, relu, chunk, y,
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
         scale_shift_items_planar(x, residual, element_scale, element_shift, relu, chunk, lo, hi,
-                                 y)
+                                 y, streaming)
 
 
 @njit(**HELPER)
-def scale_shift_items_channels_last(x, residual, scale, shift, relu, lo, hi, y):
+def scale_shift_items_channels_last(x, residual, scale, shift, relu, lo, hi, y, streaming):
     for r in range(lo, hi):
         for c in range(x.shape[1]):
-            y[r, c] = narrow(forward_value(x, residual, (r, c), scale[c], shift[c], relu), y)
+            store(y, (r, c), narrow(forward_value(x, residual, (r, c), scale[c], shift[c], relu),
+                                    y), streaming)
 
 
 @threaded_and_serial
 def scale_shift_channels_last(x3, mean, var, gamma, beta, eps, residual3, relu, y3, invstd,
-                              max_threads=1):
+                              streaming=False, max_threads=1):
     x, residual, y = rows_of(x3), rows_of(residual3), rows_of(y3)
     features = x.shape[1]
     scale = np.empty(features)
@@ -635,7 +638,7 @@ def scale_shift_channels_last(x3, mean, var, gamma, beta, eps, residual3, relu, 
     for t in prange(threads):
         lo, hi = thread_range(rows, threads, t)
         scale_shift_items_channels_last(x, residual, element_scale, element_shift, relu, lo,
-                                        hi, y)
+                                        hi, y, streaming)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -875,38 +878,42 @@ def backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count, batch_stat
 
 @njit(inline="always", **HELPER)
 def backward_element(dy, x, y, at, relu, mask_scale, mask_shift, dy_scale, x_scale, dx_shift,
-                     dx):
+                     dx, streaming):
     g = masked_gradient(dy, x, y, at, relu, mask_scale, mask_shift)
-    dx[at] = narrow(g * dy_scale + widen(x[at]) * x_scale + dx_shift, dx)
+    store(dx, at, narrow(g * dy_scale + widen(x[at]) * x_scale + dx_shift, dx), streaming)
 
 
 @njit(inline="always", **HELPER)
-def residual_gradient_element(dy, x, y, at, relu, mask_scale, mask_shift, dresidual):
-    dresidual[at] = narrow(masked_gradient(dy, x, y, at, relu, mask_scale, mask_shift),
-                           dresidual)
+def residual_gradient_element(dy, x, y, at, relu, mask_scale, mask_shift, dresidual,
+                              streaming):
+    store(dresidual, at, narrow(masked_gradient(dy, x, y, at, relu, mask_scale, mask_shift),
+                                dresidual), streaming)
 
 
-def residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run):
+def residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run,
+                          streaming):
     """``dresidual_run = g`` (nothing where there is no residual, None)."""
 
 
 @overload(residual_gradient_run, inline="always")
-def _residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run):
+def _residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run,
+                           streaming):
     if isinstance(dresidual_run, nb_types.NoneType):
-        return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run: None
-    return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run: \
-        write_residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift,
-                                    dresidual_run)
+        return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run, \
+            streaming: None
+    return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run, \
+        streaming: write_residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale,
+                                               mask_shift, dresidual_run, streaming)
 
 
 # Out of line: inlined beside the dx loop, this loop ran 15x slower (measured at
 # (64, 64, 3136) float32, 180 ms against 12).
 @njit(**HELPER)
 def write_residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift,
-                                dresidual_run):
+                                dresidual_run, streaming):
     for i in range(x_run.size):
         residual_gradient_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift,
-                                  dresidual_run)
+                                  dresidual_run, streaming)
 
 
 # The residual's gradient gets a loop of its own over the same (cache-resident) run or row,
@@ -914,11 +921,12 @@ def write_residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shi
 # (measured: 17 ns per element, against 0.9 for dx alone).
 @njit(inline="always", **HELPER)
 def backward_elementwise_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dy_scale,
-                             x_scale, dx_shift, dx_run, dresidual_run):
-    residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run)
+                             x_scale, dx_shift, dx_run, dresidual_run, streaming):
+    residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run,
+                          streaming)
     for i in range(x_run.size):
         backward_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift, dy_scale,
-                         x_scale, dx_shift, dx_run)
+                         x_scale, dx_shift, dx_run, streaming)
 
 
 def dresidual_absent(dresidual):
@@ -938,7 +946,7 @@ def _dresidual_absent(dresidual):
 # residual-gradient loop then had two call sites.
 @njit(**HELPER)
 def backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, hi, dx,
-                                      dresidual):
+                                      dresidual, streaming):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
     o0, o1 = planar_outer_span(lo, hi, features, n_chunks)
@@ -951,7 +959,7 @@ def backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, h
                                          coefficients[0, c], coefficients[1, c],
                                          coefficients[2, c], coefficients[3, c],
                                          coefficients[4, c], dx[o, c, 0:inner],
-                                         run_of(dresidual, o, c, 0, inner))
+                                         run_of(dresidual, o, c, 0, inner), streaming)
             else:
                 p0, p1 = planar_piece_span(o, c, lo, hi, features, n_chunks)
                 for piece in range(p0, p1):
@@ -962,12 +970,14 @@ def backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, h
                                              coefficients[0, c], coefficients[1, c],
                                              coefficients[2, c], coefficients[3, c],
                                              coefficients[4, c], dx[o, c, start:stop],
-                                             run_of(dresidual, o, c, start, stop))
+                                             run_of(dresidual, o, c, start, stop),
+                                             streaming)
 
 
 @threaded_and_serial
 def backward_elementwise_planar(dy, x, gamma, beta, mean, invstd, dgamma, dbeta, count,
-                                batch_stats, relu, y, chunk, dx, dresidual, max_threads=1):
+                                batch_stats, relu, y, chunk, dx, dresidual, streaming=False,
+                                max_threads=1):
     coefficients = elementwise_coefficients(
         backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count, batch_stats), x)
     items = planar_work(x, chunk)[1]
@@ -975,11 +985,11 @@ def backward_elementwise_planar(dy, x, gamma, beta, mean, invstd, dgamma, dbeta,
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
         backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, hi, dx,
-                                          dresidual)
+                                          dresidual, streaming)
 
 
 @njit(**HELPER)
-def residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual):
+def residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual, streaming):
     """``dresidual = g`` on rows ``[lo, hi)``. With y (always, from the pipeline) the mask needs
     no per-feature value, so the rows are one contiguous run: a 2-D loop storing it beside
     reading y did not vectorize (measured 10x slower than the whole rest of the pass)."""
@@ -990,28 +1000,31 @@ def residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual):
         y_run = y.reshape(y.size)[start:stop]
         dresidual_run = dresidual.reshape(dresidual.size)[start:stop]
         for i in range(dy_run.size):
-            residual_gradient_element(dy_run, dy_run, y_run, i, relu, 0.0, 0.0, dresidual_run)
+            residual_gradient_element(dy_run, dy_run, y_run, i, relu, 0.0, 0.0, dresidual_run,
+                                      streaming)
     else:
         for r in range(lo, hi):
             for c in range(x.shape[1]):
                 residual_gradient_element(dy, x, y, (r, c), relu, coefficients[0, c],
-                                          coefficients[1, c], dresidual)
+                                          coefficients[1, c], dresidual, streaming)
 
 
 @njit(**HELPER)
 def backward_elementwise_items_channels_last(dy, x, y, relu, coefficients, lo, hi, dx,
-                                             dresidual):
+                                             dresidual, streaming):
     if dresidual is not None:
-        residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual)
+        residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual, streaming)
     for r in range(lo, hi):
         for c in range(x.shape[1]):
             backward_element(dy, x, y, (r, c), relu, coefficients[0, c], coefficients[1, c],
-                             coefficients[2, c], coefficients[3, c], coefficients[4, c], dx)
+                             coefficients[2, c], coefficients[3, c], coefficients[4, c], dx,
+                             streaming)
 
 
 @threaded_and_serial
 def backward_elementwise_channels_last(dy3, x3, gamma, beta, mean, invstd, dgamma, dbeta, count,
-                                       batch_stats, relu, y3, dx3, dresidual3, max_threads=1):
+                                       batch_stats, relu, y3, dx3, dresidual3, streaming=False,
+                                       max_threads=1):
     dy, x, y, dx, dresidual = (rows_of(dy3), rows_of(x3), rows_of(y3), rows_of(dx3),
                                rows_of(dresidual3))
     coefficients = elementwise_coefficients(
@@ -1021,7 +1034,7 @@ def backward_elementwise_channels_last(dy3, x3, gamma, beta, mean, invstd, dgamm
     for t in prange(threads):
         lo, hi = thread_range(rows, threads, t)
         backward_elementwise_items_channels_last(dy, x, y, relu, coefficients, lo, hi, dx,
-                                                 dresidual)
+                                                 dresidual, streaming)
 
 
 # ----------------------------------------------------------------------------- whole passes
@@ -1054,44 +1067,47 @@ def whole_pass(steps):
 
 @whole_pass
 def forward_train_planar(x, gamma, beta, eps, running_mean, running_var, momentum, residual,
-                         relu, chunk, y, stats, max_threads=1):
+                         relu, chunk, y, stats, streaming=False, max_threads=1):
     batch_moments_planar(x, chunk, stats[0], stats[1], max_threads)
     status = checked_running_update(stats[0], stats[1], running_mean, running_var,
                                     x.shape[0] * x.shape[2], momentum)
     if status == FORWARD_DONE:
         scale_shift_planar(x, stats[0], stats[1], gamma, beta, eps, residual, relu, chunk, y,
-                           stats[2], max_threads)
+                           stats[2], streaming, max_threads)
     return status
 
 
 @whole_pass
 def forward_train_channels_last(x, gamma, beta, eps, running_mean, running_var, momentum,
-                                residual, relu, block_rows, y, stats, max_threads=1):
+                                residual, relu, block_rows, y, stats, streaming=False,
+                                max_threads=1):
     batch_moments_channels_last(x, block_rows, stats[0], stats[1], max_threads)
     status = checked_running_update(stats[0], stats[1], running_mean, running_var,
                                     x.shape[0] * x.shape[2], momentum)
     if status == FORWARD_DONE:
         scale_shift_channels_last(x, stats[0], stats[1], gamma, beta, eps, residual, relu, y,
-                                  stats[2], max_threads)
+                                  stats[2], streaming, max_threads)
     return status
 
 
 @whole_pass
 def backward_planar(dy, x, gamma, beta, mean, invstd, count, batch_stats, relu, y, chunk, dx,
-                    dresidual, grads, max_threads=1):
+                    dresidual, grads, streaming=False, max_threads=1):
     backward_reduce_planar(dy, x, gamma, beta, mean, invstd, relu, y, chunk, grads[0],
                            grads[1], max_threads)
     backward_elementwise_planar(dy, x, gamma, beta, mean, invstd, grads[0], grads[1], count,
-                                batch_stats, relu, y, chunk, dx, dresidual, max_threads)
+                                batch_stats, relu, y, chunk, dx, dresidual, streaming,
+                                max_threads)
 
 
 @whole_pass
 def backward_channels_last(dy, x, gamma, beta, mean, invstd, count, batch_stats, relu, y, dx,
-                           dresidual, grads, max_threads=1):
+                           dresidual, grads, streaming=False, max_threads=1):
     backward_reduce_channels_last(dy, x, gamma, beta, mean, invstd, relu, y, grads[0],
                                   grads[1], max_threads)
     backward_elementwise_channels_last(dy, x, gamma, beta, mean, invstd, grads[0], grads[1],
-                                       count, batch_stats, relu, y, dx, dresidual, max_threads)
+                                       count, batch_stats, relu, y, dx, dresidual, streaming,
+                                       max_threads)
 
 
 def planar_chunk(inner: int) -> int:

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
     plan: dict[str, tuple[list, list[str], list[str], measure.Timer]] = {}
     section_dtypes = chosen.dtypes
     skipped: list[dict] = []
-    sequential = measure.sequential_timer(repeats, min_sample_s)
+    round_robin = measure.round_robin_timer(repeats, min_sample_s)
     requested = {"pass": args.backends, "layer": None, "fused": None}
     section_cases, operations = chosen.cases, chosen.operations
     for name in sections:
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
             # without the fused API the section would only time its references
             continue
         timer = (measure.interleaved_timer(args.layer_calls, LAYER_ROUNDS) if name == "layer"
-                 else sequential)
+                 else round_robin)
         if impls:
             plan[name] = (section_cases[name], impls, operations[name], timer)
     if any(i in registry.TORCH_IMPLEMENTATIONS for _, impls, _, _ in plan.values()

@@ -22,7 +22,7 @@ from .roofline import Bandwidth, BandwidthSchedule, bytes_moved, gb_per_s, memor
     roofline_percent
 from .rows import Row
 from .stats import speedup
-from .timing import Body, Timing, time_body, time_interleaved
+from .timing import Body, Timing, time_interleaved, time_round_robin
 
 
 @dataclass(frozen=True)
@@ -82,34 +82,33 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def sequential_timer(repeats: int, min_sample_s: float) -> Timer:
-    """One implementation after the other (:func:`time_body`); each body is dropped before the
-    next is made, so large shapes never hold two implementations' arrays."""
+def _made(makers: dict[str, Callable[[], Body]]) -> tuple[dict[str, Body], dict[str, str]]:
+    """Every implementation's body, made and called once (those that raise: their error)."""
+    bodies, errors = {}, {}
+    for name, make in makers.items():
+        try:
+            body = make()
+            body()
+            bodies[name] = body
+        except Exception as exc:  # a broken implementation must not hide the rest
+            errors[name] = _error_text(exc)
+    return bodies, errors
+
+
+def round_robin_timer(repeats: int, min_sample_s: float) -> Timer:
+    """Calibrated samples of all implementations in turn (:func:`time_round_robin`): the pass
+    and fused sections, whose speedups are ratios of medians taken in the same rounds."""
     def timer(makers):
-        timings, errors = {}, {}
-        for name, make in makers.items():
-            try:
-                body = make()
-                timings[name] = time_body(body, repeats=repeats, min_sample_s=min_sample_s)
-            except Exception as exc:  # a broken implementation must not hide the rest
-                errors[name] = _error_text(exc)
-            finally:
-                body = None
-        return timings, errors
+        bodies, errors = _made(makers)
+        return (time_round_robin(bodies, repeats=repeats, min_sample_s=min_sample_s)
+                if bodies else {}), errors
     return timer
 
 
 def interleaved_timer(calls: int, rounds: int) -> Timer:
     """Single calls of all implementations in alternating rounds (:func:`time_interleaved`)."""
     def timer(makers):
-        bodies, errors = {}, {}
-        for name, make in makers.items():
-            try:
-                body = make()
-                body()
-                bodies[name] = body
-            except Exception as exc:
-                errors[name] = _error_text(exc)
+        bodies, errors = _made(makers)
         return (time_interleaved(bodies, calls=calls, rounds=rounds) if bodies else {}), errors
     return timer
 

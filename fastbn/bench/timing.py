@@ -1,9 +1,11 @@
 """Timing a body: warm-up, then samples whose median is reported.
 
-Two schemes. :func:`time_body` (the pass section) calibrates an inner loop so each sample lasts
-long enough for the clock, one implementation after the other. :func:`time_interleaved` (the
-layer section) times single calls of several bodies in alternating rounds, so that a change of
-load on a shared machine falls on every implementation alike.
+:func:`time_body` calibrates an inner loop so each sample lasts long enough for the clock.
+:func:`time_round_robin` (the pass and fused sections) takes such calibrated samples of several
+bodies in turn, one sample of each per round, and :func:`time_interleaved` (the layer section)
+times single calls of several bodies in alternating rounds: either way a change of load on a
+shared machine (the 2-core development VM ran 2x slower for seconds at a time) falls on every
+implementation alike, so their ratio holds even when their times do not.
 """
 
 from __future__ import annotations
@@ -52,25 +54,43 @@ def time_body(body: Body, repeats: int = 5, min_sample_s: float = 0.05,
     dominate). The first timed call also calibrates ``number``; when a single call already
     lasts long enough it counts as the first sample, which saves a call on large shapes.
     """
+    return time_round_robin({"body": body}, repeats, min_sample_s, warmup)["body"]
+
+
+def time_round_robin(bodies: dict[str, Body], repeats: int = 5, min_sample_s: float = 0.05,
+                     warmup: int = 1) -> dict[str, Timing]:
+    """Time several bodies in ``repeats`` rounds of one calibrated sample of each.
+
+    Each body is warmed up and calibrated as in :func:`time_body`; then every round takes one
+    sample of every body, starting with a different body each round.
+    """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
-    for _ in range(warmup):
-        body()
-    start = time.perf_counter()
-    body()
-    first = time.perf_counter() - start
-    samples: list[float] = []
-    if first >= min_sample_s:
-        number = 1
-        samples.append(first)
-    else:
-        number = max(1, math.ceil(min_sample_s / max(first, 1e-9)))
-    while len(samples) < repeats:
-        start = time.perf_counter()
-        for _ in range(number):
+    names = list(bodies)
+    numbers: dict[str, int] = {}
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        body = bodies[name]
+        for _ in range(warmup):
             body()
-        samples.append((time.perf_counter() - start) / number)
-    return Timing(tuple(samples), number)
+        start = time.perf_counter()
+        body()
+        first = time.perf_counter() - start
+        if first >= min_sample_s:
+            numbers[name] = 1
+            samples[name].append(first)
+        else:
+            numbers[name] = max(1, math.ceil(min_sample_s / max(first, 1e-9)))
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if len(samples[name]) == repeats:
+                continue  # its calibration call was its first sample
+            body, number = bodies[name], numbers[name]
+            start = time.perf_counter()
+            for _ in range(number):
+                body()
+            samples[name].append((time.perf_counter() - start) / number)
+    return {name: Timing(tuple(samples[name]), numbers[name]) for name in names}
 
 
 def time_interleaved(bodies: dict[str, Body], calls: int = 1000, rounds: int = 10,

@@ -1,0 +1,137 @@
+"""Streaming stores (fastbn/backends/stores.py): what they write, what they compile to, and
+when the cpu backend uses them (bitwise the same results either way)."""
+
+from __future__ import annotations
+
+import platform
+import re
+
+import numpy as np
+import pytest
+from numba import njit
+
+import reference as ref
+from fastbn.backends import cpu, cpu_kernels, stores
+from fastbn.backends.stores import store, store_streaming
+
+
+@njit
+def _fill_1d(out, values, streaming):
+    for i in range(values.size):
+        store(out, i, values[i], streaming)
+
+
+@njit
+def _fill_2d(out, values, streaming):
+    for r in range(values.shape[0]):
+        for c in range(values.shape[1]):
+            store(out, (r, c), values[r, c], streaming)
+
+
+@njit
+def _fill_ordinary(out, values):
+    for i in range(values.size):
+        out[i] = values[i]
+
+
+@njit
+def _streamed_item(out, at, value):
+    store_streaming(out, at, value)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.uint16])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_store_writes_every_element_in_both_modes(dtype, streaming):
+    values = (np.arange(7 * 33) * 3 % 101).astype(dtype)
+    out = np.zeros_like(values)
+    _fill_1d(out, values, streaming)
+    np.testing.assert_array_equal(out, values)
+    grid = values.reshape(7, 33)
+    out = np.zeros_like(grid)
+    _fill_2d(out, grid, streaming)
+    np.testing.assert_array_equal(out, grid)
+
+
+def test_store_streaming_casts_to_the_array_dtype_and_refuses_bad_indices():
+    out = np.zeros(3, np.float32)
+    _streamed_item(out, 1, 2.5)  # a float64 value into float32
+    np.testing.assert_array_equal(out, [0.0, 2.5, 0.0])
+    with pytest.raises(Exception, match="store_streaming"):
+        _streamed_item(np.zeros((2, 2)), 1, 1.0)  # one index for a 2-D array
+
+
+def test_streaming_path_compiles_to_nontemporal_stores_and_the_ordinary_one_still_vectorizes():
+    values = np.arange(256, dtype=np.float32)
+    _fill_1d(np.empty_like(values), values, True)
+    _fill_ordinary(np.empty_like(values), values)
+    signature = next(sig for sig in _fill_1d.signatures if sig[0].dtype.name == "float32")
+    flagged = _fill_1d.inspect_llvm(signature)
+    assert "!nontemporal" in flagged
+    vector_store = re.compile(r"store <\d+ x float>")
+    # the branch on the flag is hoisted out of the loop: the ordinary loop is vector code, as
+    # it is without the flag
+    assert vector_store.search(_fill_ordinary.inspect_llvm(_fill_ordinary.signatures[0]))
+    assert any(vector_store.search(line) and "nontemporal" not in line
+               for line in flagged.splitlines())
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "movnt" in _fill_1d.inspect_asm(signature)
+
+
+def test_streaming_threshold_follows_the_last_level_cache(monkeypatch):
+    monkeypatch.setattr(stores, "l3_cache_bytes", lambda: 32 << 20)
+    stores.streaming_from_bytes.cache_clear()
+    try:
+        assert stores.streaming_from_bytes() == stores.STREAMING_CACHE_MULTIPLE * (32 << 20)
+        monkeypatch.setattr(stores, "l3_cache_bytes", lambda: None)
+        stores.streaming_from_bytes.cache_clear()
+        assert stores.streaming_from_bytes() == stores.UNKNOWN_CACHE_STREAMING_BYTES
+    finally:
+        monkeypatch.undo()
+        stores.streaming_from_bytes.cache_clear()
+    assert cpu.STREAMING_FROM_BYTES == stores.streaming_from_bytes()
+
+
+SHAPES3 = [(5, 3, 37), (2, 4, 1000), (300, 5, 1), (11, 1030, 1)]
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("shape3", SHAPES3)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("fused", ["plain", "relu", "residual+relu"])
+def test_cpu_passes_with_streaming_stores_give_bitwise_the_same(monkeypatch, threaded, shape3,
+                                                                dtype, fused):
+    """Every cpu pass that writes a tensor (eval, forward-train, both backwards), with every
+    output streamed (threshold 0) against ordinary stores."""
+    if threaded:
+        monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
+        monkeypatch.setattr(cpu_kernels, "PLANAR_CHUNK", 16)
+    x = ref.random_array(shape3, dtype, 0, 3.0, 2.0)
+    dy = ref.random_array(shape3, dtype, 1)
+    residual = ref.random_array(shape3, dtype, 2) if "residual" in fused else None
+    relu = "relu" in fused
+    C = shape3[1]
+    rng = np.random.default_rng(3)
+    gamma, beta = rng.uniform(0.5, 2.0, C), rng.standard_normal(C)
+    count = shape3[0] * shape3[2]
+
+    def passes():
+        results = list(cpu.normalize(x, np.full(C, 3.0), np.full(C, 4.0), gamma, beta, 1e-5,
+                                     None, residual, relu))
+        y3, mean, _, invstd, _ = cpu.forward_train(x, gamma, beta, 1e-5, None, None, 0.0, None,
+                                                   residual, relu)
+        y_for_mask = y3 if residual is not None else None
+        dresidual = np.empty_like(x) if residual is not None else None
+        results += [y3, *cpu.backward(dy, x, gamma, beta, mean, invstd, count, True, None, relu,
+                                      y_for_mask, dresidual), dresidual]
+        dgamma, dbeta = cpu.backward_reduce(dy, x, gamma, beta, mean, invstd, relu, y_for_mask)
+        results.append(cpu.backward_elementwise(dy, x, gamma, beta, mean, invstd, dgamma,
+                                                dbeta, count, True, None, relu, y_for_mask))
+        return results
+
+    ordinary = passes()
+    monkeypatch.setattr(cpu, "STREAMING_FROM_BYTES", 0)
+    monkeypatch.setattr(cpu, "PLANAR_STREAMING", True)  # the planar kernels' streaming path too
+    streamed = passes()
+    for got, expected in zip(streamed, ordinary):
+        if expected is not None:
+            np.testing.assert_array_equal(got, expected)
