@@ -81,7 +81,7 @@ def test_streaming_threshold_follows_the_last_level_cache(monkeypatch):
     monkeypatch.setattr(stores, "l3_cache_bytes", lambda: 32 << 20)
     stores.streaming_from_bytes.cache_clear()
     try:
-        assert stores.streaming_from_bytes() == stores.STREAMING_CACHE_MULTIPLE * (32 << 20)
+        assert stores.streaming_from_bytes() == int(stores.STREAMING_CACHE_MULTIPLE * (32 << 20))
         monkeypatch.setattr(stores, "l3_cache_bytes", lambda: None)
         stores.streaming_from_bytes.cache_clear()
         assert stores.streaming_from_bytes() == stores.UNKNOWN_CACHE_STREAMING_BYTES
@@ -89,6 +89,18 @@ def test_streaming_threshold_follows_the_last_level_cache(monkeypatch):
         monkeypatch.undo()
         stores.streaming_from_bytes.cache_clear()
     assert cpu.STREAMING_FROM_BYTES == stores.streaming_from_bytes()
+
+
+def test_which_forward_outputs_stream(monkeypatch):
+    monkeypatch.setattr(cpu, "STREAMING_FROM_BYTES", 256)
+    planar, channels_last = (64, 1, 2), (128, 1, 1)  # 128 elements either way
+
+    def streams(shape3, dtype):
+        return cpu._streams(np.empty(shape3, dtype))
+    assert streams(planar, np.float64) and streams(channels_last, np.float64)
+    assert streams(channels_last, np.float32) and not streams(planar, np.float32)
+    assert not streams(channels_last, np.uint16)  # float16 bits: unmeasured, ordinary stores
+    assert not streams((15, 1, 2), np.float64)  # 240 bytes: below the threshold
 
 
 SHAPES3 = [(5, 3, 37), (2, 4, 1000), (300, 5, 1), (11, 1030, 1)]
@@ -100,8 +112,8 @@ SHAPES3 = [(5, 3, 37), (2, 4, 1000), (300, 5, 1), (11, 1030, 1)]
 @pytest.mark.parametrize("fused", ["plain", "relu", "residual+relu"])
 def test_cpu_passes_with_streaming_stores_give_bitwise_the_same(monkeypatch, threaded, shape3,
                                                                 dtype, fused):
-    """Every cpu pass that writes a tensor (eval, forward-train, both backwards), with every
-    output streamed (threshold 0) against ordinary stores."""
+    """The forward passes (eval, forward-train) with every output streamed against ordinary
+    stores, and the backwards that follow (reading the streamed y for the ReLU mask)."""
     if threaded:
         monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
         monkeypatch.setattr(cpu_kernels, "PLANAR_CHUNK", 16)
@@ -129,8 +141,7 @@ def test_cpu_passes_with_streaming_stores_give_bitwise_the_same(monkeypatch, thr
         return results
 
     ordinary = passes()
-    monkeypatch.setattr(cpu, "STREAMING_FROM_BYTES", 0)
-    monkeypatch.setattr(cpu, "PLANAR_STREAMING", True)  # the planar kernels' streaming path too
+    monkeypatch.setattr(cpu, "_streams", lambda y3: True)  # every output, every dtype and layout
     streamed = passes()
     for got, expected in zip(streamed, ordinary):
         if expected is not None:

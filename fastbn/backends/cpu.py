@@ -46,15 +46,21 @@ to_host = host.to_host
 # milliseconds (see cpu_kernels.threaded_and_serial).
 SERIAL_BELOW = 1 << 17
 
-# Channels-last outputs of at least this many bytes are written with streaming stores, which
-# skip the read for ownership of each line written (see ``stores``). Side by side at
-# (32768, 1024), 2 threads: eval 1.15-1.27x, forward-train 0.99-1.17x, backward 0.97-1.13x;
-# at (802816, 64) 1.02-1.04x. Planar passes keep ordinary stores (the kernels take the flag
-# alike): at (256, 64, 3136) float32 eval ran 0.92x, forward-train 0.98x, backward 1.03x, as
-# LLVM scalarizes the unaligned non-temporal stores and the planar loops were already close
-# to the stream rate.
+# Forward outputs of at least this many bytes may be written with streaming stores, which skip
+# reading each written line from memory first (``stores``; which ones: ``_streams``).
 STREAMING_FROM_BYTES = stores.streaming_from_bytes()
-PLANAR_STREAMING = False  # True: planar outputs follow the same size rule
+
+
+def _streams(y3: np.ndarray) -> bool:
+    """Whether the forward pass writes ``y3`` with streaming stores. Measured side by side,
+    2 threads, eval (forward-train): float64 1.27-1.62x (1.10-1.25x) from 12.8 MB outputs up,
+    both layouts; float32 channels-last 1.15-1.27x (0.99-1.17x) at 128 MB, level at 25 MB;
+    float32 planar 0.7-0.92x (LLVM writes the unaligned non-temporal stores one element at a
+    time, 4 bytes each); float16 unmeasured. The backward was level with them (0.92-1.13x),
+    so it keeps ordinary stores."""
+    return y3.nbytes >= STREAMING_FROM_BYTES and (
+        y3.itemsize == 8 or (y3.itemsize == 4 and y3.shape[2] == 1))
+
 
 # Numba's 'workqueue' threading layer aborts the process when two Python threads launch
 # parallel kernels at once. The first launch runs under the lock and learns which layer Numba
@@ -133,11 +139,11 @@ def normalize(x3: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarr
     invstd = np.empty(x3.shape[1])
     if x3.shape[2] == 1:
         _launch(k.scale_shift_channels_last, x3.size, _bits(x3), mean, var, gamma, beta, eps,
-                _bits(residual3), relu, _bits(y3), invstd, y3.nbytes >= STREAMING_FROM_BYTES)
+                _bits(residual3), relu, _bits(y3), invstd, _streams(y3))
     else:
         _launch(k.scale_shift_planar, x3.size, _bits(x3), mean, var, gamma, beta, eps,
                 _bits(residual3), relu, k.planar_chunk(x3.shape[2]), _bits(y3), invstd,
-                PLANAR_STREAMING and y3.nbytes >= STREAMING_FROM_BYTES)
+                _streams(y3))
     return y3, invstd
 
 
@@ -167,12 +173,11 @@ def backward_elementwise(dy3: np.ndarray, x3: np.ndarray, gamma: np.ndarray | No
     if x3.shape[2] == 1:
         _launch(k.backward_elementwise_channels_last, x3.size, _bits(dy3), _bits(x3), gamma,
                 beta, mean, invstd, dgamma, dbeta, count, batch_stats, relu, _bits(y3),
-                _bits(dx3), _bits(dresidual3), dx3.nbytes >= STREAMING_FROM_BYTES)
+                _bits(dx3), _bits(dresidual3))
     else:
         _launch(k.backward_elementwise_planar, x3.size, _bits(dy3), _bits(x3), gamma, beta,
                 mean, invstd, dgamma, dbeta, count, batch_stats, relu, _bits(y3),
-                k.planar_chunk(x3.shape[2]), _bits(dx3), _bits(dresidual3),
-                PLANAR_STREAMING and dx3.nbytes >= STREAMING_FROM_BYTES)
+                k.planar_chunk(x3.shape[2]), _bits(dx3), _bits(dresidual3))
     return dx3
 
 
@@ -189,12 +194,11 @@ def forward_train(x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | N
         status = _launch(k.forward_train_channels_last, x3.size, _bits(x3), gamma, beta, eps,
                          running_mean, running_var, momentum, _bits(residual3), relu,
                          k.channels_last_block_rows(x3.shape[1], x3.itemsize), _bits(y3), stats,
-                         y3.nbytes >= STREAMING_FROM_BYTES)
+                         _streams(y3))
     else:
         status = _launch(k.forward_train_planar, x3.size, _bits(x3), gamma, beta, eps,
                          running_mean, running_var, momentum, _bits(residual3), relu,
-                         k.planar_chunk(x3.shape[2]), _bits(y3), stats,
-                         PLANAR_STREAMING and y3.nbytes >= STREAMING_FROM_BYTES)
+                         k.planar_chunk(x3.shape[2]), _bits(y3), stats, _streams(y3))
     if status != FORWARD_DONE:
         return None, stats[0], stats[1], None, status
     return y3, stats[0], stats[1], stats[2], status
@@ -210,9 +214,9 @@ def backward(dy3: np.ndarray, x3: np.ndarray, gamma: np.ndarray | None, beta: np
     if x3.shape[2] == 1:
         _launch(k.backward_channels_last, x3.size, _bits(dy3), _bits(x3), gamma, beta, mean,
                 invstd, count, batch_stats, relu, _bits(y3), _bits(dx3), _bits(dresidual3),
-                grads, dx3.nbytes >= STREAMING_FROM_BYTES)
+                grads)
     else:
         _launch(k.backward_planar, x3.size, _bits(dy3), _bits(x3), gamma, beta, mean, invstd,
                 count, batch_stats, relu, _bits(y3), k.planar_chunk(x3.shape[2]), _bits(dx3),
-                _bits(dresidual3), grads, PLANAR_STREAMING and dx3.nbytes >= STREAMING_FROM_BYTES)
+                _bits(dresidual3), grads)
     return dx3, grads[0], grads[1]

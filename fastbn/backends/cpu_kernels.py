@@ -878,42 +878,38 @@ def backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count, batch_stat
 
 @njit(inline="always", **HELPER)
 def backward_element(dy, x, y, at, relu, mask_scale, mask_shift, dy_scale, x_scale, dx_shift,
-                     dx, streaming):
+                     dx):
     g = masked_gradient(dy, x, y, at, relu, mask_scale, mask_shift)
-    store(dx, at, narrow(g * dy_scale + widen(x[at]) * x_scale + dx_shift, dx), streaming)
+    dx[at] = narrow(g * dy_scale + widen(x[at]) * x_scale + dx_shift, dx)
 
 
 @njit(inline="always", **HELPER)
-def residual_gradient_element(dy, x, y, at, relu, mask_scale, mask_shift, dresidual,
-                              streaming):
-    store(dresidual, at, narrow(masked_gradient(dy, x, y, at, relu, mask_scale, mask_shift),
-                                dresidual), streaming)
+def residual_gradient_element(dy, x, y, at, relu, mask_scale, mask_shift, dresidual):
+    dresidual[at] = narrow(masked_gradient(dy, x, y, at, relu, mask_scale, mask_shift),
+                           dresidual)
 
 
-def residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run,
-                          streaming):
+def residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run):
     """``dresidual_run = g`` (nothing where there is no residual, None)."""
 
 
 @overload(residual_gradient_run, inline="always")
-def _residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run,
-                           streaming):
+def _residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run):
     if isinstance(dresidual_run, nb_types.NoneType):
-        return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run, \
-            streaming: None
-    return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run, \
-        streaming: write_residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale,
-                                               mask_shift, dresidual_run, streaming)
+        return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run: None
+    return lambda dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run: \
+        write_residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift,
+                                    dresidual_run)
 
 
 # Out of line: inlined beside the dx loop, this loop ran 15x slower (measured at
 # (64, 64, 3136) float32, 180 ms against 12).
 @njit(**HELPER)
 def write_residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift,
-                                dresidual_run, streaming):
+                                dresidual_run):
     for i in range(x_run.size):
         residual_gradient_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift,
-                                  dresidual_run, streaming)
+                                  dresidual_run)
 
 
 # The residual's gradient gets a loop of its own over the same (cache-resident) run or row,
@@ -921,12 +917,11 @@ def write_residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shi
 # (measured: 17 ns per element, against 0.9 for dx alone).
 @njit(inline="always", **HELPER)
 def backward_elementwise_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dy_scale,
-                             x_scale, dx_shift, dx_run, dresidual_run, streaming):
-    residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run,
-                          streaming)
+                             x_scale, dx_shift, dx_run, dresidual_run):
+    residual_gradient_run(dy_run, x_run, y_run, relu, mask_scale, mask_shift, dresidual_run)
     for i in range(x_run.size):
         backward_element(dy_run, x_run, y_run, i, relu, mask_scale, mask_shift, dy_scale,
-                         x_scale, dx_shift, dx_run, streaming)
+                         x_scale, dx_shift, dx_run)
 
 
 def dresidual_absent(dresidual):
@@ -946,7 +941,7 @@ def _dresidual_absent(dresidual):
 # residual-gradient loop then had two call sites.
 @njit(**HELPER)
 def backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, hi, dx,
-                                      dresidual, streaming):
+                                      dresidual):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
     o0, o1 = planar_outer_span(lo, hi, features, n_chunks)
@@ -959,7 +954,7 @@ def backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, h
                                          coefficients[0, c], coefficients[1, c],
                                          coefficients[2, c], coefficients[3, c],
                                          coefficients[4, c], dx[o, c, 0:inner],
-                                         run_of(dresidual, o, c, 0, inner), streaming)
+                                         run_of(dresidual, o, c, 0, inner))
             else:
                 p0, p1 = planar_piece_span(o, c, lo, hi, features, n_chunks)
                 for piece in range(p0, p1):
@@ -970,14 +965,12 @@ def backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, h
                                              coefficients[0, c], coefficients[1, c],
                                              coefficients[2, c], coefficients[3, c],
                                              coefficients[4, c], dx[o, c, start:stop],
-                                             run_of(dresidual, o, c, start, stop),
-                                             streaming)
+                                             run_of(dresidual, o, c, start, stop))
 
 
 @threaded_and_serial
 def backward_elementwise_planar(dy, x, gamma, beta, mean, invstd, dgamma, dbeta, count,
-                                batch_stats, relu, y, chunk, dx, dresidual, streaming=False,
-                                max_threads=1):
+                                batch_stats, relu, y, chunk, dx, dresidual, max_threads=1):
     coefficients = elementwise_coefficients(
         backward_scratch(gamma, beta, mean, invstd, dgamma, dbeta, count, batch_stats), x)
     items = planar_work(x, chunk)[1]
@@ -985,11 +978,11 @@ def backward_elementwise_planar(dy, x, gamma, beta, mean, invstd, dgamma, dbeta,
     for t in prange(threads):
         lo, hi = thread_range(items, threads, t)
         backward_elementwise_items_planar(dy, x, y, relu, coefficients, chunk, lo, hi, dx,
-                                          dresidual, streaming)
+                                          dresidual)
 
 
 @njit(**HELPER)
-def residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual, streaming):
+def residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual):
     """``dresidual = g`` on rows ``[lo, hi)``. With y (always, from the pipeline) the mask needs
     no per-feature value, so the rows are one contiguous run: a 2-D loop storing it beside
     reading y did not vectorize (measured 10x slower than the whole rest of the pass)."""
@@ -1000,31 +993,28 @@ def residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual, stre
         y_run = y.reshape(y.size)[start:stop]
         dresidual_run = dresidual.reshape(dresidual.size)[start:stop]
         for i in range(dy_run.size):
-            residual_gradient_element(dy_run, dy_run, y_run, i, relu, 0.0, 0.0, dresidual_run,
-                                      streaming)
+            residual_gradient_element(dy_run, dy_run, y_run, i, relu, 0.0, 0.0, dresidual_run)
     else:
         for r in range(lo, hi):
             for c in range(x.shape[1]):
                 residual_gradient_element(dy, x, y, (r, c), relu, coefficients[0, c],
-                                          coefficients[1, c], dresidual, streaming)
+                                          coefficients[1, c], dresidual)
 
 
 @njit(**HELPER)
 def backward_elementwise_items_channels_last(dy, x, y, relu, coefficients, lo, hi, dx,
-                                             dresidual, streaming):
+                                             dresidual):
     if dresidual is not None:
-        residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual, streaming)
+        residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual)
     for r in range(lo, hi):
         for c in range(x.shape[1]):
             backward_element(dy, x, y, (r, c), relu, coefficients[0, c], coefficients[1, c],
-                             coefficients[2, c], coefficients[3, c], coefficients[4, c], dx,
-                             streaming)
+                             coefficients[2, c], coefficients[3, c], coefficients[4, c], dx)
 
 
 @threaded_and_serial
 def backward_elementwise_channels_last(dy3, x3, gamma, beta, mean, invstd, dgamma, dbeta, count,
-                                       batch_stats, relu, y3, dx3, dresidual3, streaming=False,
-                                       max_threads=1):
+                                       batch_stats, relu, y3, dx3, dresidual3, max_threads=1):
     dy, x, y, dx, dresidual = (rows_of(dy3), rows_of(x3), rows_of(y3), rows_of(dx3),
                                rows_of(dresidual3))
     coefficients = elementwise_coefficients(
@@ -1034,7 +1024,7 @@ def backward_elementwise_channels_last(dy3, x3, gamma, beta, mean, invstd, dgamm
     for t in prange(threads):
         lo, hi = thread_range(rows, threads, t)
         backward_elementwise_items_channels_last(dy, x, y, relu, coefficients, lo, hi, dx,
-                                                 dresidual, streaming)
+                                                 dresidual)
 
 
 # ----------------------------------------------------------------------------- whole passes
@@ -1092,22 +1082,20 @@ def forward_train_channels_last(x, gamma, beta, eps, running_mean, running_var, 
 
 @whole_pass
 def backward_planar(dy, x, gamma, beta, mean, invstd, count, batch_stats, relu, y, chunk, dx,
-                    dresidual, grads, streaming=False, max_threads=1):
+                    dresidual, grads, max_threads=1):
     backward_reduce_planar(dy, x, gamma, beta, mean, invstd, relu, y, chunk, grads[0],
                            grads[1], max_threads)
     backward_elementwise_planar(dy, x, gamma, beta, mean, invstd, grads[0], grads[1], count,
-                                batch_stats, relu, y, chunk, dx, dresidual, streaming,
-                                max_threads)
+                                batch_stats, relu, y, chunk, dx, dresidual, max_threads)
 
 
 @whole_pass
 def backward_channels_last(dy, x, gamma, beta, mean, invstd, count, batch_stats, relu, y, dx,
-                           dresidual, grads, streaming=False, max_threads=1):
+                           dresidual, grads, max_threads=1):
     backward_reduce_channels_last(dy, x, gamma, beta, mean, invstd, relu, y, grads[0],
                                   grads[1], max_threads)
     backward_elementwise_channels_last(dy, x, gamma, beta, mean, invstd, grads[0], grads[1],
-                                       count, batch_stats, relu, y, dx, dresidual, streaming,
-                                       max_threads)
+                                       count, batch_stats, relu, y, dx, dresidual, max_threads)
 
 
 def planar_chunk(inner: int) -> int:

@@ -6,25 +6,27 @@ byte twice. A non-temporal store (LLVM's ``!nontemporal``; MOVNT* on x86) writes
 without reading them and without evicting what the cache holds. For an output that would have
 stayed in cache it is slower: it goes to memory anyway, and its next reader fetches it back.
 
-Measured on the 2-core EPYC, float32, 2 threads, a scale-shift pass into a recycled output:
+Measured on the 2-core EPYC, 2 threads, the eval pass into a recycled output, side by side:
 
-==========================  ==========  ===============  ================
-shape                       output      ordinary stores  streaming stores
-==========================  ==========  ===============  ================
-(32768, 1024) channels-last 128 MiB     16.2-16.7 ms     13.5-14.2 ms
-(256, 64, 3136) planar      196 MiB     26.2-27.7 ms     20.3-24.2 ms
-(128, 64, 784) planar       24.5 MiB    3.1-3.2 ms       4.2-4.5 ms
-(64, 128) channels-last     32 KiB      3.3 us           8.3 us
-==========================  ==========  ===============  ================
+=============================  ==========  ===============  ================
+shape, dtype                   output      ordinary stores  streaming stores
+=============================  ==========  ===============  ================
+(128, 64, 784) float64         49 MiB      7.31 ms          4.50 ms
+(32, 256, 196) float64         12.3 MiB    1.38 ms          1.09 ms
+(32768, 1024, 1) float32       128 MiB     16.4-18.4 ms     13.7-16.0 ms
+(6272, 1024, 1) float32        24.5 MiB    3.67 ms          3.76 ms
+(256, 64, 3136) float32        196 MiB     21.0 ms          23.0 ms
+(64, 128, 1) float32           32 KiB      3.3 us           8.3 us
+=============================  ==========  ===============  ================
 
-So the cpu backend streams only outputs of at least ``STREAMING_CACHE_MULTIPLE`` times the
-last-level cache (:func:`streaming_from_bytes`), and only channels-last ones: the planar
-passes, already near the stream rate with ordinary stores, did not gain (``cpu.py`` has the
-figures). LLVM cannot prove the rows 32-byte aligned, so it writes the non-temporal stores one
-element at a time (MOVNTSS/MOVNTSD on this AMD CPU), which is what limits the gain. The
-kernels take the choice as a run-time flag, and the store helper branches on it inside their
-loops: LLVM hoists the branch out of each loop (unswitching), and the ordinary-store loop
-compiles to vector code as without the flag (checked in tests/test_stores.py).
+LLVM cannot prove the rows 32-byte aligned, so it writes the non-temporal stores one element
+at a time (MOVNTSD/MOVNTSS on this AMD CPU): 8 bytes per instruction win, 4 bytes only where
+the ordinary loop was slow (channels-last). So the cpu backend streams the forward outputs of
+at least half the last-level cache (:func:`streaming_from_bytes`) that are float64, or
+float32 channels-last (``cpu._streams``). The kernels take the choice as a run-time flag, and
+the store helper branches on it inside their loops: LLVM hoists the branch out of each loop
+(unswitching), and the ordinary-store loop compiles to vector code as without the flag
+(checked in tests/test_stores.py).
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# Outputs at least this many times the last-level cache are written with streaming stores;
-# at 1x (a 24.5 MiB output beside a 32 MiB cache) they were slower, at 4x faster (measured).
-STREAMING_CACHE_MULTIPLE = 2
-# Where the cache size is unknown: twice a common 32 MiB last-level cache.
-UNKNOWN_CACHE_STREAMING_BYTES = 64 << 20
+# Outputs of at least this fraction of the last-level cache may be streamed: float64 ones won
+# from 12.3 MiB (0.4x the 32 MiB cache) on; a 2 MiB one lost by half (measured).
+STREAMING_CACHE_MULTIPLE = 0.5
+# Where the cache size is unknown: half a common 32 MiB last-level cache.
+UNKNOWN_CACHE_STREAMING_BYTES = 16 << 20
 
 
 def l3_cache_bytes() -> int | None:
@@ -70,7 +72,7 @@ def l3_cache_bytes() -> int | None:
 def streaming_from_bytes() -> int:
     """Smallest output (in bytes) the cpu kernels write with streaming stores."""
     cache = l3_cache_bytes()
-    return STREAMING_CACHE_MULTIPLE * cache if cache else UNKNOWN_CACHE_STREAMING_BYTES
+    return int(STREAMING_CACHE_MULTIPLE * cache) if cache else UNKNOWN_CACHE_STREAMING_BYTES
 
 
 @intrinsic
