@@ -91,6 +91,12 @@ def test_streaming_threshold_follows_the_last_level_cache(monkeypatch):
     assert cpu.STREAMING_FROM_BYTES == stores.streaming_from_bytes()
 
 
+def test_serial_calls_never_stream(monkeypatch):
+    monkeypatch.setattr(cpu, "_streams", lambda y3: pytest.fail("asked whether to stream"))
+    x = np.ones((4, 3, 5))
+    cpu.normalize(x, np.zeros(3), np.ones(3), None, None, 1e-5)  # below SERIAL_BELOW
+
+
 def test_which_forward_outputs_stream(monkeypatch):
     monkeypatch.setattr(cpu, "STREAMING_FROM_BYTES", 256)
     planar, channels_last = (64, 1, 2), (128, 1, 1)  # 128 elements either way
@@ -106,7 +112,7 @@ def test_which_forward_outputs_stream(monkeypatch):
 SHAPES3 = [(5, 3, 37), (2, 4, 1000), (300, 5, 1), (11, 1030, 1)]
 
 
-@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("threaded", [False, True])  # False: serially, as a forked child
 @pytest.mark.parametrize("shape3", SHAPES3)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 @pytest.mark.parametrize("fused", ["plain", "relu", "residual+relu"])
@@ -114,9 +120,12 @@ def test_cpu_passes_with_streaming_stores_give_bitwise_the_same(monkeypatch, thr
                                                                 dtype, fused):
     """The forward passes (eval, forward-train) with every output streamed against ordinary
     stores, and the backwards that follow (reading the streamed y for the ReLU mask)."""
-    if threaded:
-        monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
-        monkeypatch.setattr(cpu_kernels, "PLANAR_CHUNK", 16)
+    # Serially run (small) inputs never stream; a forked child runs the serial kernels with
+    # the flag, so that is the serial path with streaming stores.
+    monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
+    monkeypatch.setattr(cpu_kernels, "PLANAR_CHUNK", 16)
+    if not threaded:
+        monkeypatch.setattr(cpu, "_forked_child", True)
     x = ref.random_array(shape3, dtype, 0, 3.0, 2.0)
     dy = ref.random_array(shape3, dtype, 1)
     residual = ref.random_array(shape3, dtype, 2) if "residual" in fused else None

@@ -79,11 +79,19 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _launch(kernel, size: int, *args):
-    """Run a kernel (or whole pass) on ``size`` elements, threaded or serially; its result."""
+def _launch(kernel, size: int, *args, output: np.ndarray | None = None):
+    """Run a kernel (or whole pass) on ``size`` elements, threaded or serially; its result.
+
+    ``output``: the tensor a forward pass writes, with streaming stores where ``_streams``
+    says. Inputs small enough to run serially are never streamed, and their calls omit the
+    flag, which then compiles in as False.
+    """
     global _layer_is_threadsafe
     if size < SERIAL_BELOW:
-        return k.SERIAL[kernel.__name__](*args)  # one thread: max_threads omitted, a constant
+        # one thread: max_threads (and streaming) omitted, constants
+        return k.SERIAL[kernel.__name__](*args)
+    if output is not None:
+        args = (*args, _streams(output))
     if _forked_child:
         return k.SERIAL[kernel.__name__](*args, numba.get_num_threads())
     if _layer_is_threadsafe:
@@ -139,11 +147,11 @@ def normalize(x3: np.ndarray, mean: np.ndarray, var: np.ndarray, gamma: np.ndarr
     invstd = np.empty(x3.shape[1])
     if x3.shape[2] == 1:
         _launch(k.scale_shift_channels_last, x3.size, _bits(x3), mean, var, gamma, beta, eps,
-                _bits(residual3), relu, _bits(y3), invstd, _streams(y3))
+                _bits(residual3), relu, _bits(y3), invstd, output=y3)
     else:
         _launch(k.scale_shift_planar, x3.size, _bits(x3), mean, var, gamma, beta, eps,
                 _bits(residual3), relu, k.planar_chunk(x3.shape[2]), _bits(y3), invstd,
-                _streams(y3))
+                output=y3)
     return y3, invstd
 
 
@@ -194,11 +202,11 @@ def forward_train(x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | N
         status = _launch(k.forward_train_channels_last, x3.size, _bits(x3), gamma, beta, eps,
                          running_mean, running_var, momentum, _bits(residual3), relu,
                          k.channels_last_block_rows(x3.shape[1], x3.itemsize), _bits(y3), stats,
-                         _streams(y3))
+                         output=y3)
     else:
         status = _launch(k.forward_train_planar, x3.size, _bits(x3), gamma, beta, eps,
                          running_mean, running_var, momentum, _bits(residual3), relu,
-                         k.planar_chunk(x3.shape[2]), _bits(y3), stats, _streams(y3))
+                         k.planar_chunk(x3.shape[2]), _bits(y3), stats, output=y3)
     if status != FORWARD_DONE:
         return None, stats[0], stats[1], None, status
     return y3, stats[0], stats[1], stats[2], status
