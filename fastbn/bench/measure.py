@@ -99,8 +99,8 @@ def round_robin_timer(repeats: int, min_sample_s: float) -> Timer:
     """Calibrated samples of all implementations in turn (:func:`time_round_robin`): the pass
     and fused sections, whose speedups are ratios of medians taken in the same rounds."""
     def timer(makers):
-        bodies, errors = _made(makers)
-        return (time_round_robin(bodies, repeats=repeats, min_sample_s=min_sample_s)
+        bodies, errors = _made(makers)  # each called once already: that is its warm-up
+        return (time_round_robin(bodies, repeats=repeats, min_sample_s=min_sample_s, warmup=0)
                 if bodies else {}), errors
     return timer
 
