@@ -52,11 +52,9 @@ STREAMING_FROM_BYTES = stores.streaming_from_bytes()
 
 
 def _streams(y3: np.ndarray) -> bool:
-    """Whether the forward pass writes ``y3`` with streaming stores. Measured side by side,
-    2 threads, eval (forward-train): float64 1.27-1.62x (1.10-1.25x) from 12.8 MB outputs up,
-    both layouts; float32 channels-last 1.15-1.27x (0.99-1.17x) at 128 MB, level at 25 MB;
-    float32 planar 0.7-0.92x (LLVM writes the unaligned non-temporal stores one element at a
-    time, 4 bytes each); float16 unmeasured. The backward was level with them (0.92-1.13x),
+    """Whether the forward pass writes ``y3`` with streaming stores: float64 on both layouts
+    and float32 channels-last, where they measured faster (``stores`` has the figures; float32
+    planar ran slower, float16 is unmeasured). The backward was level with them (0.92-1.13x),
     so it keeps ordinary stores."""
     return y3.nbytes >= STREAMING_FROM_BYTES and (
         y3.itemsize == 8 or (y3.itemsize == 4 and y3.shape[2] == 1))
