@@ -12,7 +12,8 @@ from numba import njit
 
 import reference as ref
 from fastbn.backends import cpu, cpu_kernels, stores
-from fastbn.backends.stores import store, store_streaming
+from fastbn.backends.stores import (LINE_BYTES, STAGE_BYTES, line_span, stack_stage, store,
+                                    store_streaming, stream_lines)
 
 
 @njit
@@ -77,14 +78,85 @@ def test_streaming_path_compiles_to_nontemporal_stores_and_the_ordinary_one_stil
         assert "movnt" in _fill_1d.inspect_asm(signature)
 
 
+@njit
+def _copy_streamed(values, out):
+    """out[:] = values, its whole lines with streaming stores (as the kernels write them)."""
+    stage = stack_stage(out)
+    head, end = line_span(out)
+    out[:head] = values[:head]
+    for start in range(head, end, stage.size):
+        stop = min(start + stage.size, end)
+        stage[:stop - start] = values[start:stop]
+        stream_lines(stage, stop - start, out, start)
+    out[end:] = values[end:]
+    return head, end, stage.size
+
+
+@njit
+def _scale_shift(x, scale, shift, y, streaming):
+    cpu_kernels.scale_shift_run_as(x, None, scale, shift, False, y, streaming)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.uint16])
+@pytest.mark.parametrize("size", [0, 5, 31, 64, 1000, 5003])
+def test_streamed_lines_write_every_element_at_every_alignment(dtype, size):
+    itemsize = np.dtype(dtype).itemsize
+    lanes = LINE_BYTES // itemsize
+    values = (np.arange(size) * 3 % 101).astype(dtype)
+    buffer = np.zeros(size + 2 * lanes, dtype)
+    for offset in range(lanes + 1):
+        out = buffer[offset:offset + size]
+        buffer[:] = 0
+        head, end, stage_size = _copy_streamed(values, out)
+        np.testing.assert_array_equal(out, values)
+        assert not buffer[:offset].any() and not buffer[offset + size:].any()
+        assert stage_size == STAGE_BYTES // itemsize
+        assert 0 <= head <= end <= size and (end - head) % lanes == 0
+        if head < end:
+            assert (out.ctypes.data + head * itemsize) % LINE_BYTES == 0
+            assert head < lanes and size - end < lanes
+
+
+def test_a_misaligned_array_has_no_lines_to_stream():
+    raw = np.zeros(8 * 100 + 1, np.uint8)
+    out = raw[1:].view(np.float64)  # address not a multiple of 8
+    values = np.arange(100, dtype=np.float64)
+    head, end, _ = _copy_streamed(values, out)
+    assert head == end == 100
+    np.testing.assert_array_equal(out, values)
+
+
+def test_float32_runs_stream_by_vector_line_stores_and_the_ordinary_loop_vectorizes():
+    x = np.arange(1000, dtype=np.float32)
+    _scale_shift(x, 2.0, 1.0, np.empty_like(x), True)
+    ir = _scale_shift.inspect_llvm(_scale_shift.signatures[0])
+    line = f"<{LINE_BYTES // 4} x float>"
+    streamed = [s for s in ir.splitlines() if "!nontemporal" in s and s.lstrip().startswith("store")]
+    assert streamed and all(line in s and f"align {LINE_BYTES}" in s for s in streamed)
+    # the ordinary loop (taken when the flag is False, and to fill the stage) is vector code
+    assert any(re.search(r"store <\d+ x float>", s) and "nontemporal" not in s
+               for s in ir.splitlines())
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "vmovntps" in _scale_shift.inspect_asm(_scale_shift.signatures[0])
+
+
+def test_float64_runs_stream_element_by_element():
+    x = np.arange(1000, dtype=np.float64)
+    _scale_shift(x, 2.0, 1.0, np.empty_like(x), True)
+    signature = next(sig for sig in _scale_shift.signatures if sig[0].dtype.name == "float64")
+    streamed = [s for s in _scale_shift.inspect_llvm(signature).splitlines()
+                if "!nontemporal" in s and s.lstrip().startswith("store")]
+    assert streamed and all(s.lstrip().startswith("store double") for s in streamed)
+
+
 def test_streaming_threshold_follows_the_last_level_cache(monkeypatch):
-    monkeypatch.setattr(stores, "l3_cache_bytes", lambda: 32 << 20)
+    monkeypatch.setattr(stores, "l3_cache_bytes", lambda: 64 << 20)
     stores.streaming_from_bytes.cache_clear()
     try:
-        assert stores.streaming_from_bytes() == int(stores.STREAMING_CACHE_MULTIPLE * (32 << 20))
+        assert stores.streaming_from_bytes() == {8: 32 << 20, 4: 128 << 20}
         monkeypatch.setattr(stores, "l3_cache_bytes", lambda: None)
         stores.streaming_from_bytes.cache_clear()
-        assert stores.streaming_from_bytes() == stores.UNKNOWN_CACHE_STREAMING_BYTES
+        assert stores.streaming_from_bytes() == {8: 16 << 20, 4: 64 << 20}
     finally:
         monkeypatch.undo()
         stores.streaming_from_bytes.cache_clear()
@@ -98,15 +170,16 @@ def test_serial_calls_never_stream(monkeypatch):
 
 
 def test_which_forward_outputs_stream(monkeypatch):
-    monkeypatch.setattr(cpu, "STREAMING_FROM_BYTES", 256)
+    monkeypatch.setattr(cpu, "STREAMING_FROM_BYTES", {8: 1024, 4: 512})
     planar, channels_last = (64, 1, 2), (128, 1, 1)  # 128 elements either way
 
     def streams(shape3, dtype):
         return cpu._streams(np.empty(shape3, dtype))
     assert streams(planar, np.float64) and streams(channels_last, np.float64)
-    assert streams(channels_last, np.float32) and not streams(planar, np.float32)
+    assert streams(channels_last, np.float32) and streams(planar, np.float32)
     assert not streams(channels_last, np.uint16)  # float16 bits: unmeasured, ordinary stores
-    assert not streams((15, 1, 2), np.float64)  # 240 bytes: below the threshold
+    assert not streams((15, 1, 8), np.float64)  # 960 bytes: below float64's threshold
+    assert not streams((15, 1, 8), np.float32)  # 480 bytes: below float32's threshold
 
 
 SHAPES3 = [(5, 3, 37), (2, 4, 1000), (300, 5, 1), (11, 1030, 1)]

@@ -46,18 +46,18 @@ to_host = host.to_host
 # milliseconds (see cpu_kernels.threaded_and_serial).
 SERIAL_BELOW = 1 << 17
 
-# Forward outputs of at least this many bytes may be written with streaming stores, which skip
+# Forward outputs of at least this many bytes (by itemsize) may be written with streaming stores, which skip
 # reading each written line from memory first (``stores``; which ones: ``_streams``).
 STREAMING_FROM_BYTES = stores.streaming_from_bytes()
 
 
 def _streams(y3: np.ndarray) -> bool:
-    """Whether the forward pass writes ``y3`` with streaming stores: float64 on both layouts
-    and float32 channels-last, where they measured faster (``stores`` has the figures; float32
-    planar ran slower, float16 is unmeasured). The backward was level with them (0.92-1.13x),
-    so it keeps ordinary stores."""
-    return y3.nbytes >= STREAMING_FROM_BYTES and (
-        y3.itemsize == 8 or (y3.itemsize == 4 and y3.shape[2] == 1))
+    """Whether the forward pass writes ``y3`` with streaming stores: float64 and float32
+    outputs of at least their threshold, where they measured faster (``stores`` has the
+    figures; float16 is unmeasured). The backward was level with them (0.92-1.13x), so it
+    keeps ordinary stores."""
+    threshold = STREAMING_FROM_BYTES.get(y3.itemsize)
+    return threshold is not None and y3.nbytes >= threshold
 
 
 # Numba's 'workqueue' threading layer aborts the process when two Python threads launch
