@@ -131,7 +131,8 @@ def test_float32_runs_stream_by_vector_line_stores_and_the_ordinary_loop_vectori
     _scale_shift(x, 2.0, 1.0, np.empty_like(x), True)
     ir = _scale_shift.inspect_llvm(_scale_shift.signatures[0])
     line = f"<{LINE_BYTES // 4} x float>"
-    streamed = [s for s in ir.splitlines() if "!nontemporal" in s and s.lstrip().startswith("store")]
+    streamed = [s for s in ir.splitlines()
+                if "!nontemporal" in s and s.lstrip().startswith("store")]
     assert streamed and all(line in s and f"align {LINE_BYTES}" in s for s in streamed)
     # the ordinary loop (taken when the flag is False, and to fill the stage) is vector code
     assert any(re.search(r"store <\d+ x float>", s) and "nontemporal" not in s

@@ -46,8 +46,9 @@ to_host = host.to_host
 # milliseconds (see cpu_kernels.threaded_and_serial).
 SERIAL_BELOW = 1 << 17
 
-# Forward outputs of at least this many bytes (by itemsize) may be written with streaming stores, which skip
-# reading each written line from memory first (``stores``; which ones: ``_streams``).
+# Forward outputs of at least this many bytes (by itemsize) may be written with streaming
+# stores, which skip reading each written line from memory first (``stores``; which ones:
+# ``_streams``).
 STREAMING_FROM_BYTES = stores.streaming_from_bytes()
 
 
