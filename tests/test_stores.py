@@ -177,7 +177,8 @@ def test_which_forward_outputs_stream(monkeypatch):
     def streams(shape3, dtype):
         return cpu._streams(np.empty(shape3, dtype))
     assert streams(planar, np.float64) and streams(channels_last, np.float64)
-    assert streams(channels_last, np.float32) and streams(planar, np.float32)
+    assert streams(planar, np.float32)
+    assert not streams(channels_last, np.float32)  # slower on one CPU: ordinary stores
     assert not streams(channels_last, np.uint16)  # float16 bits: unmeasured, ordinary stores
     assert not streams((15, 1, 8), np.float64)  # 960 bytes: below float64's threshold
     assert not streams((15, 1, 8), np.float32)  # 480 bytes: below float32's threshold

@@ -17,32 +17,33 @@ Two ways to write them, each where it measured faster:
   unaligned head and tail take ordinary stores. The cpu backend writes float32 planar outputs
   so (:func:`streams_by_lines`). A stage of 2 lines beat 1, 4, 8 and 16 lines (measured).
 
-Measured on the 2-core EPYC (AVX-512), 2 threads, eval into a recycled output, side by side
-in one process: speed-up over ordinary stores, one figure per run (the VM's speed varied about
-2x between runs; "rows": by lines, one channels-last row at a time):
+Measured on the 2-core EPYC VM (AMD family 26, Zen 5, AVX-512; "Zen 3": the same VM on an
+earlier day, family 25), 2 threads, eval into a recycled output, side by side in one process:
+speed-up over ordinary stores, one figure per run (the VM's speed varied about 2x between
+runs; "rows": by lines, one channels-last row at a time):
 
 =========================  ========  =======================  =====================
 shape (N, C, HW), dtype    output    by element               by lines
 =========================  ========  =======================  =====================
-(256, 64, 3136) float32    196 MiB   0.91x (an earlier run)   1.40x, 1.34x, 1.26x, 0.90x
+(256, 64, 3136) float32    196 MiB   0.91x (Zen 3)            1.40x, 1.34x, 1.26x, 0.90x
 (256, 64, 1568) float32    98 MiB                             1.14x
 (128, 64, 1568) float32    49 MiB                             0.84x
 (128, 64, 784) float32     24 MiB                             0.77x, 0.97x, 1.09x, 1.27x
 (128, 64, 784) float64     49 MiB    1.51x, 1.38x, 1.30x      1.38x
-(32, 256, 196) float64     12.3 MiB  1.27x (an earlier run)
+(32, 256, 196) float64     12.3 MiB  1.27x (Zen 3)
 (32768, 1024, 1) float64   256 MiB   1.36x, 1.21x             rows: 0.89x
-(32768, 1024, 1) float32   128 MiB   0.58x, 0.66x; 1.15-1.27x rows: 0.84x
-                                     in earlier runs
-(6272, 1024, 1) float32    24.5 MiB  0.98x (an earlier run)
+(32768, 1024, 1) float32   128 MiB   0.57x, 0.58x, 0.66x;     rows: 0.84x
+                                     1.15-1.27x (Zen 3)
+(802816, 64, 1) float32    196 MiB   0.61x
+(6272, 1024, 1) float32    24.5 MiB  0.98x (Zen 3)
 =========================  ========  =======================  =====================
 
-So the cpu backend streams float64 outputs from half the last-level cache on (12.3 MiB won,
-1.38 vs 1.09 ms) element by element, and float32 outputs from twice the last-level cache on:
-planar by lines, channels-last element by element (:data:`STREAMING_CACHE_MULTIPLES`). The
-channels-last float32 rows are the least settled: element stores won by 1.15-1.27x in one
-session and lost by 0.6-0.7x in another, and by lines (row by row) was level with ordinary.
-The kernels take the choice as a run-time flag, and the ordinary-store loop compiles to vector
-code as without the flag (checked in tests/test_stores.py).
+So the cpu backend streams float64 outputs from half the last-level cache on (12.3 MiB won)
+element by element, and float32 planar outputs from twice the last-level cache on by lines
+(:data:`STREAMING_CACHE_MULTIPLES`). Float32 channels-last outputs keep ordinary stores:
+element stores won on Zen 3 and lost by 0.57-0.66x on Zen 5, and by lines (row by row) was
+slower than ordinary. The kernels take the choice as a run-time flag, and the ordinary-store
+loop compiles to vector code as without the flag (checked in tests/test_stores.py).
 """
 
 from __future__ import annotations
