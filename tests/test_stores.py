@@ -13,7 +13,7 @@ from numba import njit
 import reference as ref
 from fastbn.backends import cpu, cpu_kernels, stores
 from fastbn.backends.stores import (LINE_BYTES, STAGE_BYTES, line_span, stack_stage, store,
-                                    store_streaming, stream_lines)
+                                    store_streaming, store_streaming_line, stream_lines)
 
 
 @njit
@@ -124,6 +124,19 @@ def test_a_misaligned_array_has_no_lines_to_stream():
     head, end, _ = _copy_streamed(values, out)
     assert head == end == 100
     np.testing.assert_array_equal(out, values)
+
+
+@njit
+def _line_from(values, out):
+    store_streaming_line(out, 0, values, 0)
+
+
+def test_line_stores_refuse_strided_arrays():
+    values = np.arange(32, dtype=np.float32)
+    with pytest.raises(Exception, match="store_streaming_line"):
+        _line_from(values[::2], np.zeros(16, np.float32))  # a strided source
+    with pytest.raises(Exception, match="store_streaming_line"):
+        _line_from(values[:16], np.zeros(32, np.float32)[::2])  # a strided destination
 
 
 def test_float32_runs_stream_by_vector_line_stores_and_the_ordinary_loop_vectorizes():

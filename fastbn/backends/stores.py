@@ -170,8 +170,8 @@ def store_streaming_line(typingctx, array, start, source, offset):
     """``array[start:start + lanes] = source[offset:offset + lanes]`` as one non-temporal vector
     store of a whole cache line (``lanes`` = ``LINE_BYTES // itemsize``; ``array[start]`` must
     lie on a line boundary, both runs in bounds and contiguous)."""
-    if not (isinstance(array, types.Array) and array.ndim == 1
-            and isinstance(source, types.Array) and source.ndim == 1
+    if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+            and isinstance(source, types.Array) and source.ndim == 1 and source.layout == "C"
             and source.dtype == array.dtype
             and isinstance(start, types.Integer) and isinstance(offset, types.Integer)):
         return None
