@@ -15,7 +15,8 @@ Two ways to write them, each where it measured faster:
   a stack buffer (:func:`stack_stage`, vector code as the ordinary loop), and each aligned line
   is written by one vector non-temporal store (:func:`store_streaming_line`); the run's
   unaligned head and tail take ordinary stores. The cpu backend writes float32 planar outputs
-  so (:func:`streams_by_lines`). A stage of 2 lines beat 1, 4, 8 and 16 lines (measured).
+  so (:func:`streams_by_lines`). A stage of 2 lines beat 1, 8 and 16 lines side by side,
+  and 4 lines in a separate run (float32 and float64, 48 and 191 MiB).
 
 Measured on the 2-core EPYC VM (AMD family 26, Zen 5, AVX-512; "Zen 3": the same VM on an
 earlier day, family 25), 2 threads, eval into a recycled output, side by side in one process:
