@@ -71,7 +71,7 @@ from numba.extending import overload
 from . import feature_math
 from .contract import FORWARD_DONE, NONFINITE_STATISTICS, RUNNING_OVERFLOW
 from .half import elementwise_coefficients, elementwise_float, narrow, widen, zero_of
-from .prefetch import prefetch_element
+from .prefetch import prefetch_element, prefetch_element_to_l2
 from .stores import (line_span, stack_stage, store, store_streaming, stream_lines,
                      streams_by_lines)
 
@@ -129,8 +129,8 @@ PLANAR_CHUNK = 4096        # elements of one row summed before a merge by batch_
 # then added in float64: each float32 sum is then within 256 * 2**-24 = 1.5e-5 of the sum of
 # its terms' magnitudes, far below float16's own 2**-11.
 FLOAT32_SUM_TERMS = 256
-# Channels-last rows summed in one float32 block: 4-row trips give each feature's sum
-# FLOAT32_SUM_TERMS terms.
+# Channels-last rows summed in one float32 block: 4-row trips (short rows) give each feature's
+# sum FLOAT32_SUM_TERMS terms, 8-row trips (long rows) half as many.
 FLOAT32_SUM_ROWS = 4 * FLOAT32_SUM_TERMS
 BLOCK_ELEMENTS = 65536     # elements in a block of channels-last rows summed before a merge
 MIN_BLOCK_ROWS = 8         # keeps the per-block merge cheap when C is very large
@@ -391,15 +391,33 @@ def batch_moments_planar(x, chunk, out_mean, out_var, max_threads=1):
 
 
 # Channels-last sweeps add several rows per trip along C: each row alone would load and store
-# the float64 accumulators once per element, which bounds the loop below the DRAM rate. A trip
-# adds 4 rows, or 2 of float64 rows up to PREFETCH_ROW_BYTES: on (401408, 64) float64 four rows
-# at once ran at 45-60 % of the read bandwidth where two ran at 65-80 %, while on 8 KiB rows
-# four ran at 88-92 % and two at 83-85 %. Short rows read side by side defeat the hardware
-# prefetchers, so on rows of up to PREFETCH_ROW_BYTES each trip hints the lines PREFETCH_AHEAD
-# bytes ahead (at (401408, 64) float32 on 2 threads: 47 -> 80 % of the read bandwidth; on
-# 4 KiB rows the hint cost 5-15 %).
+# the float64 accumulators once per element, which bounds the loop below the DRAM rate.
+# Rows of up to PREFETCH_ROW_BYTES (short rows) and longer rows take separate sweeps, each
+# compiled on its own: a trip loop choosing among 2-, 4- and 8-row bodies at run time compiled
+# the short-row bodies worse (measured on the 2-core Zen 4 EPYC, (4096, 64) float32 serial:
+# 0.75x the speed of the same 4-row body in a sweep without the 8-row branch).
+#
+# Short rows: a trip adds 4 rows, or 2 of float64 rows: on (401408, 64) float64 four rows at
+# once ran at 45-60 % of the read bandwidth where two ran at 65-80 % (eight rows of float32:
+# 0.6-0.8x the speed of four, on 2 threads and on one). Short rows read side by side defeat
+# the hardware prefetchers, so each trip hints lines ahead (at (401408, 64) float32 on 2
+# threads: 47 -> 80 % of the read bandwidth with hints into every cache PREFETCH_AHEAD
+# bytes ahead, which the backward reduction keeps). The statistics hint into L2 only, and
+# MOMENTS_PREFETCH_AHEAD bytes ahead: on the Zen 4 EPYC that ran 1.3-1.5x faster than
+# PREFETCH_AHEAD into every cache on 1 thread ((802816, 64) float32, (401408, 64) float64),
+# and 1.2-1.8x and 1.7x on 2; into every cache 4-8 KiB ahead gained only 1.05-1.15x, into
+# L2 2 KiB ahead lost, 8-32 KiB ahead did about equally well.
+#
+# Long rows: a trip adds 8 rows, which halves the accumulator loads and stores per element
+# against 4 (measured on the Zen 4 EPYC, old/new time: (32768, 1024) float32 1.1-1.3x on 1
+# thread and 1.1-1.2x on 2, (16384, 1024) float64 1.1-1.25x on both, (256, 1024) float64 in
+# cache 1.1x). No hints: each 4-8 KiB row is one or two pages, and hinting the next trip's
+# lines (32-64 KiB ahead) cost 20 % on 2 threads at (32768, 1024) float32 into every cache
+# (as much as L1 holds) and 10 % on 1 thread into L2; hinting only the first lines of each
+# next row did not help.
 PREFETCH_ROW_BYTES = 512
 PREFETCH_AHEAD = 2048
+MOMENTS_PREFETCH_AHEAD = 16384
 CACHE_LINE = 64
 
 
@@ -422,11 +440,43 @@ def add_four_rows(x0, x1, x2, x3, pivot, total, total_sq):
         total_sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
 
 
+@njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
+def add_eight_rows(x0, x1, x2, x3, x4, x5, x6, x7, pivot, total, total_sq):
+    for c in range(total.size):
+        p = pivot[c]
+        d0, d1 = widen(x0[c]) - p, widen(x1[c]) - p
+        d2, d3 = widen(x2[c]) - p, widen(x3[c]) - p
+        d4, d5 = widen(x4[c]) - p, widen(x5[c]) - p
+        d6, d7 = widen(x6[c]) - p, widen(x7[c]) - p
+        total[c] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+        total_sq[c] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                        + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+
+
+@njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
+def add_rows_one_by_one(x, r0, r1, pivot, total, total_sq):
+    """The rows ``[r0, r1)`` left over after the trips."""
+    for r in range(r0, r1):
+        xr = x[r]
+        for c in range(total.size):
+            d = widen(xr[c]) - pivot[c]
+            total[c] += d
+            total_sq[c] += d * d
+
+
+@njit(inline="always", cache=True)
+def is_short_row(x):
+    """Whether the rows of the channels-last view ``x`` are short (see PREFETCH_ROW_BYTES)."""
+    return x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES
+
+
 @njit(inline="always", cache=True)
 def trip_rows(x):
-    """Rows of the channels-last view ``x`` that one trip along C adds up: 4, or 2 on short
-    float64 rows (see PREFETCH_ROW_BYTES)."""
-    return 2 if x.itemsize == 8 and x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES else 4
+    """Rows of the channels-last view ``x`` that one trip along C adds up: 8 on long rows, 4 on
+    short ones, 2 on short float64 rows (see PREFETCH_ROW_BYTES)."""
+    if not is_short_row(x):
+        return 8
+    return 2 if x.itemsize == 8 else 4
 
 
 @njit(inline="always", cache=True)
@@ -437,26 +487,48 @@ def prefetch_trip(a, r, trip):
         prefetch_element(a[r], ahead_of_row)
 
 
+@njit(inline="always", cache=True)
+def prefetch_trip_to_l2(a, r, trip):
+    """Hint the lines of ``trip`` rows MOMENTS_PREFETCH_AHEAD bytes past row ``r`` of ``a``
+    into L2."""
+    ahead = MOMENTS_PREFETCH_AHEAD // a.itemsize
+    for ahead_of_row in range(ahead, ahead + trip * a.shape[1], CACHE_LINE // a.itemsize):
+        prefetch_element_to_l2(a[r], ahead_of_row)
+
+
 @njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
-def sweep_pivoted_sums(x, r0, r1, pivot, total, total_sq):
-    """``total[c] += sum(x[r0:r1, c] - pivot[c])`` and ``total_sq[c]`` of their squares."""
+def sweep_short_rows(x, r0, r1, pivot, total, total_sq):
+    """``sweep_pivoted_sums`` of short rows: trips of 4 rows (2 of float64), hinted ahead."""
     trip = trip_rows(x)
-    hint = x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES
     r = r0
     while r + trip <= r1:
-        if hint:
-            prefetch_trip(x, r, trip)
+        prefetch_trip_to_l2(x, r, trip)
         if trip == 2:
             add_two_rows(x[r], x[r + 1], pivot, total, total_sq)
         else:
             add_four_rows(x[r], x[r + 1], x[r + 2], x[r + 3], pivot, total, total_sq)
         r += trip
-    for r in range(r, r1):
-        xr = x[r]
-        for c in range(total.size):
-            d = widen(xr[c]) - pivot[c]
-            total[c] += d
-            total_sq[c] += d * d
+    add_rows_one_by_one(x, r, r1, pivot, total, total_sq)
+
+
+@njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
+def sweep_long_rows(x, r0, r1, pivot, total, total_sq):
+    """``sweep_pivoted_sums`` of long rows: trips of 8 rows."""
+    r = r0
+    while r + 8 <= r1:
+        add_eight_rows(x[r], x[r + 1], x[r + 2], x[r + 3], x[r + 4], x[r + 5], x[r + 6],
+                       x[r + 7], pivot, total, total_sq)
+        r += 8
+    add_rows_one_by_one(x, r, r1, pivot, total, total_sq)
+
+
+@njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
+def sweep_pivoted_sums(x, r0, r1, pivot, total, total_sq):
+    """``total[c] += sum(x[r0:r1, c] - pivot[c])`` and ``total_sq[c]`` of their squares."""
+    if is_short_row(x):
+        sweep_short_rows(x, r0, r1, pivot, total, total_sq)
+    else:
+        sweep_long_rows(x, r0, r1, pivot, total, total_sq)
 
 
 @njit(**HELPER)
