@@ -41,7 +41,7 @@ _LAYOUTS_MAX = 4096
 class Input:
     """An input seen by a backend: its canonical view and how to hand results back."""
 
-    __slots__ = ("backend", "original", "array", "shape3", "x3")
+    __slots__ = ("backend", "original", "array", "shape3", "x3", "count")
 
     def __init__(self, backend: ModuleType, original: Any, array: Any,
                  shape3: tuple[int, int, int]) -> None:
@@ -50,11 +50,8 @@ class Input:
         self.array = array
         self.shape3 = shape3
         self.x3 = backend.canonical(array, shape3)
-
-    @property
-    def count(self) -> int:
-        """Values per feature in this input."""
-        return self.shape3[0] * self.shape3[2]
+        #: Values per feature in this input.
+        self.count = shape3[0] * shape3[2]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -67,6 +64,8 @@ class Input:
     def fresh_x3(self) -> Any:
         """x's canonical view as x is now (a copy is taken again where the layout needs one),
         so a backward reads x the same way whatever its memory layout."""
+        if type(self.array) is np.ndarray and self.array.flags.c_contiguous:
+            return self.x3  # a view of x, so x as it is now
         return self.backend.canonical(self.array, self.shape3)
 
     def __reduce__(self):

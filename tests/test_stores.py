@@ -154,6 +154,50 @@ def test_float32_runs_stream_by_vector_line_stores_and_the_ordinary_loop_vectori
         assert "vmovntps" in _scale_shift.inspect_asm(_scale_shift.signatures[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(37, 5), (64, 64), (9, 1000), (3, 17)])
+def test_channels_last_rows_stream_bitwise_at_every_alignment(dtype, shape):
+    """The rows' flat run streamed by lines (float32) or by element (float64), with the output
+    at every element offset from a line boundary, split between threads' row ranges."""
+    rng = np.random.default_rng(0)
+    rows, C = shape
+    x = rng.standard_normal(shape).astype(dtype).reshape(rows, C, 1)
+    residual = rng.standard_normal(shape).astype(dtype).reshape(rows, C, 1)
+    mean, var = rng.standard_normal(C), rng.uniform(0.5, 2.0, C)
+    gamma, beta = rng.standard_normal(C), rng.standard_normal(C)
+    kernel = cpu_kernels.SERIAL["scale_shift_channels_last"]
+    itemsize = np.dtype(dtype).itemsize
+    for offset in range(LINE_BYTES // itemsize):
+        for res, relu in ((None, False), (residual, True)):
+            expected = np.empty_like(x)
+            kernel(x, mean, var, gamma, beta, 1e-5, res, relu, expected, np.empty(C), False, 3)
+            raw = np.zeros(x.size + 2 * LINE_BYTES, dtype)
+            start = (-raw.ctypes.data) % LINE_BYTES // itemsize + offset
+            y = raw[start:start + x.size].reshape(x.shape)
+            kernel(x, mean, var, gamma, beta, 1e-5, res, relu, y, np.empty(C), True, 3)
+            np.testing.assert_array_equal(y, expected)
+            assert not raw[:start].any() and not raw[start + x.size:].any()
+
+
+@njit
+def _scale_shift_rows(x, scale, shift, y, streaming):
+    cpu_kernels.scale_shift_items_channels_last(x, None, scale, shift, False, 0, x.shape[0], y,
+                                                streaming)
+
+
+def test_float32_channels_last_rows_stream_by_vector_line_stores_and_still_vectorize():
+    x = np.ones((50, 64), np.float32)
+    _scale_shift_rows(x, np.ones(64), np.zeros(64), np.empty_like(x), True)
+    ir = _scale_shift_rows.inspect_llvm(_scale_shift_rows.signatures[0])
+    streamed = [s for s in ir.splitlines()
+                if "!nontemporal" in s and s.lstrip().startswith("store")]
+    assert streamed and all(f"<{LINE_BYTES // 4} x float>" in s and f"align {LINE_BYTES}" in s
+                            for s in streamed)
+    # the ordinary 2-D loop (flag False) and the stage's pieces are vector code
+    assert any(re.search(r"store <\d+ x float>", s) and "nontemporal" not in s
+               for s in ir.splitlines())
+
+
 def test_float64_runs_stream_element_by_element():
     x = np.arange(1000, dtype=np.float64)
     _scale_shift(x, 2.0, 1.0, np.empty_like(x), True)
@@ -190,8 +234,7 @@ def test_which_forward_outputs_stream(monkeypatch):
     def streams(shape3, dtype):
         return cpu._streams(np.empty(shape3, dtype))
     assert streams(planar, np.float64) and streams(channels_last, np.float64)
-    assert streams(planar, np.float32)
-    assert not streams(channels_last, np.float32)  # slower on one CPU: ordinary stores
+    assert streams(planar, np.float32) and streams(channels_last, np.float32)
     assert not streams(channels_last, np.uint16)  # float16 bits: unmeasured, ordinary stores
     assert not streams((15, 1, 8), np.float64)  # 960 bytes: below float64's threshold
     assert not streams((15, 1, 8), np.float32)  # 480 bytes: below float32's threshold

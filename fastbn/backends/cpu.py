@@ -53,14 +53,12 @@ STREAMING_FROM_BYTES = stores.streaming_from_bytes()
 
 
 def _streams(y3: np.ndarray) -> bool:
-    """Whether the forward pass writes ``y3`` with streaming stores: float64 outputs and
-    float32 planar ones of at least their threshold, where they measured faster (``stores``
-    has the figures; float32 channels-last ones measured slower on one CPU and faster on
-    another, so they keep ordinary stores; float16 is unmeasured). The backward was level
-    with them (0.92-1.13x), so it keeps ordinary stores."""
+    """Whether the forward pass writes ``y3`` with streaming stores: float64 and float32
+    outputs of at least their threshold, where they measured faster (``stores`` has the
+    figures; float16 is unmeasured). The backward was level with them (0.92-1.13x), so it
+    keeps ordinary stores."""
     threshold = STREAMING_FROM_BYTES.get(y3.itemsize)
-    return (threshold is not None and y3.nbytes >= threshold
-            and (y3.itemsize == 8 or y3.shape[2] > 1))
+    return threshold is not None and y3.nbytes >= threshold
 
 
 # Numba's 'workqueue' threading layer aborts the process when two Python threads launch
@@ -105,7 +103,7 @@ def _launch(kernel, size: int, *args, output: np.ndarray | None = None):
 
 def _bits(a: np.ndarray | None) -> np.ndarray | None:
     """float16 as its uint16 bits for the kernels (which have no float16), else ``a``."""
-    return a.view(np.uint16) if a is not None and a.dtype.itemsize == 2 else a
+    return a if a is None or a.itemsize != 2 else a.view(np.uint16)
 
 
 def empty(shape3: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:

@@ -18,10 +18,11 @@ Two ways to write them, each where it measured faster:
   so (:func:`streams_by_lines`). A stage of 2 lines beat 1, 8 and 16 lines side by side,
   and 4 lines in a separate run (float32 and float64, 48 and 191 MiB).
 
-Measured on the 2-core EPYC VM (AMD family 26, Zen 5, AVX-512; "Zen 3": the same VM on an
-earlier day, family 25), 2 threads, eval into a recycled output, side by side in one process:
-speed-up over ordinary stores, one figure per run (the VM's speed varied about 2x between
-runs; "rows": by lines, one channels-last row at a time):
+Measured on the 2-core EPYC VM (AMD family 26, Zen 5, AVX-512; "Zen 3" and "Zen 4": the
+same VM on other days, family 25), 2 threads, eval into a recycled output, side by side in one
+process: speed-up over ordinary stores, one figure per run (the VM's speed varied about 2x
+between runs; "rows": by lines, one channels-last row at a time; "flat": by lines along the
+rows' one contiguous run, ``cpu_kernels.scale_shift_rows_by_lines``):
 
 =========================  ========  =======================  =====================
 shape (N, C, HW), dtype    output    by element               by lines
@@ -32,18 +33,24 @@ shape (N, C, HW), dtype    output    by element               by lines
 (128, 64, 784) float32     24 MiB                             0.77x, 0.97x, 1.09x, 1.27x
 (128, 64, 784) float64     49 MiB    1.51x, 1.38x, 1.30x      1.38x
 (32, 256, 196) float64     12.3 MiB  1.27x (Zen 3)
-(32768, 1024, 1) float64   256 MiB   1.36x, 1.21x             rows: 0.89x
-(32768, 1024, 1) float32   128 MiB   0.57x, 0.58x, 0.66x;     rows: 0.84x
-                                     1.15-1.27x (Zen 3)
-(802816, 64, 1) float32    196 MiB   0.61x
+(32768, 1024, 1) float64   256 MiB   1.36x, 1.21x;            rows: 0.89x;
+                                     1.53x (Zen 4)            flat: 1.51x (Zen 4)
+(32768, 1024, 1) float32   128 MiB   0.57x, 0.58x, 0.66x;     rows: 0.84x;
+                                     1.15-1.27x (Zen 3);      flat: 1.11x, 1.23x (Zen 4)
+                                     1.00x, 1.03x (Zen 4)
+(802816, 64, 1) float32    196 MiB   0.61x; 0.94x, 1.01x      flat: 1.28x, 1.48x (Zen 4)
+                                     (Zen 4)
+(200704, 256, 1) float32   196 MiB   0.54x, 1.01x (Zen 4)     flat: 1.07x, 1.14x (Zen 4)
+(131072, 128, 1) float32   64 MiB    0.85x, 1.04x (Zen 4)     flat: 0.99x, 1.25x (Zen 4)
+(200704, 256, 1) float64   392 MiB   1.62x (Zen 4)            flat: 1.57x (Zen 4)
 (6272, 1024, 1) float32    24.5 MiB  0.98x (Zen 3)
 =========================  ========  =======================  =====================
 
 So the cpu backend streams float64 outputs from half the last-level cache on (12.3 MiB won)
-element by element, and float32 planar outputs from twice the last-level cache on by lines
-(:data:`STREAMING_CACHE_MULTIPLES`). Float32 channels-last outputs keep ordinary stores:
-element stores won on Zen 3 and lost by 0.57-0.66x on Zen 5, and by lines (row by row) was
-slower than ordinary. The kernels take the choice as a run-time flag, and the ordinary-store
+element by element, and float32 outputs from twice the last-level cache on by lines
+(:data:`STREAMING_CACHE_MULTIPLES`): planar ones run by run, channels-last ones along the
+rows' flat run (element stores lost for them on Zen 5 and tied on Zen 4, and row by row lost
+to ordinary stores). The kernels take the choice as a run-time flag, and the ordinary-store
 loop compiles to vector code as without the flag (checked in tests/test_stores.py).
 """
 
