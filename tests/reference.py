@@ -84,6 +84,17 @@ def assert_close(actual, expected, dtype, scale=1.0, what=""):
     assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
 
 
+def assert_same_to_rounding(actual, expected, dtype, scale=0.0, ulps=4, what=""):
+    """Equal to ``ulps`` units of rounding of ``dtype`` at the values' scale (or ``scale``, when
+    larger): what two compilations of the same float64 sums, reassociated in different orders by
+    fast-math, may give. Far tighter than ``assert_close``'s accuracy against the reference."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    bound = ulps * np.finfo(dtype).eps * max(scale, np.abs(expected).max(initial=0.0))
+    err = np.abs(actual - expected).max(initial=0.0)
+    assert err <= bound, f"{what}: max abs difference {err:.3g} > {bound:.3g}"
+
+
 def forward_fused(x, gamma=None, beta=None, eps=1e-5, axis=1, residual=None, relu=False,
                   mean=None, var=None):
     """act(bn(x) + residual) in float64, and the statistics used."""

@@ -103,12 +103,15 @@ def test_forward_and_backward_match_reference(mode, shape3, dtype, fused, batch_
         np.testing.assert_array_equal(_f64(dresidual), expected[3])  # g itself: dy or 0
 
 
-@pytest.mark.parametrize("shape3", SHAPES3)
+@pytest.mark.parametrize("shape3", SHAPES3 + [(64, 16, 64), (3, 2, 5000)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fused", ["plain", "relu", "residual+relu"])
-def test_whole_passes_give_bitwise_their_steps(mode, shape3, dtype, fused):
+def test_whole_passes_give_their_steps(mode, shape3, dtype, fused):
     """cpu.forward_train / cpu.backward (one compiled call: cpu_kernels.whole_pass) against the
-    separate step calls, run the same way (serial, threaded, or in 7 serial partials)."""
+    separate step calls, run the same way (serial, threaded, or in 7 serial partials). To a
+    few units of rounding, not bitwise: inlined into the whole pass, a fast-math sum may be
+    vectorized in another order (at HEAD 76b91f0 about one case in six differed in the last
+    bits, depending on the data)."""
     x, dy, gamma, beta = _inputs(shape3, dtype)
     residual = ref.random_array(shape3, dtype, seed=9) if "residual" in fused else None
     relu = "relu" in fused
@@ -123,9 +126,12 @@ def test_whole_passes_give_bitwise_their_steps(mode, shape3, dtype, fused):
                                     shape3[0] * shape3[2], 0.25)
     step_y3, step_invstd = cpu.normalize(x, step_mean, step_var, gamma, beta, EPS, None,
                                          residual, relu)
-    for got, expected in zip((y3, mean, var, invstd, *running),
-                             (step_y3, step_mean, step_var, step_invstd, *step_running)):
-        np.testing.assert_array_equal(got, expected)
+    summed_in = SUMMED_IN[dtype]
+    for got, expected, rounding in zip(
+            (y3, mean, var, invstd, *running),
+            (step_y3, step_mean, step_var, step_invstd, *step_running),
+            (dtype, summed_in, summed_in, summed_in, np.float32, np.float32)):
+        ref.assert_same_to_rounding(got, expected, rounding)
 
     y_for_mask = y3 if residual is not None else None
     count = shape3[0] * shape3[2]
@@ -138,9 +144,12 @@ def test_whole_passes_give_bitwise_their_steps(mode, shape3, dtype, fused):
     step_dx3 = cpu.backward_elementwise(dy, x, gamma, beta, mean, invstd, step_dgamma,
                                         step_dbeta, count, True, None, relu, y_for_mask,
                                         step_dresidual)
-    for got, expected in zip((dx3, dgamma, dbeta, dresidual),
-                             (step_dx3, step_dgamma, step_dbeta, step_dresidual)):
-        np.testing.assert_array_equal(got, expected)
+    ref.assert_same_to_rounding(dx3, step_dx3, dtype, what="dx")
+    sum_abs_dy = np.abs(_f64(dy)).sum(axis=(0, 2)).max()
+    ref.assert_same_to_rounding(dgamma, step_dgamma, summed_in, sum_abs_dy, what="dgamma")
+    ref.assert_same_to_rounding(dbeta, step_dbeta, summed_in, sum_abs_dy, what="dbeta")
+    if dresidual is not None:  # dy where y > 0, else 0: the same y, so bitwise
+        np.testing.assert_array_equal(dresidual, step_dresidual)
 
 
 @pytest.mark.parametrize("shape3", SHAPES3)

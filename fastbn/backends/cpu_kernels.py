@@ -268,25 +268,37 @@ def pivoted_part_sums(part, pivot):
 
 
 @njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH)
+def pivoted_run_sums(run, element_pivot):
+    """float64 ``sum(run - element_pivot)`` and the sum of its squares. float16 runs are summed
+    in float32 parts of at most FLOAT32_SUM_TERMS elements (``element_pivot`` is then a
+    float32), which are added in float64."""
+    if not summed_in_float32(run):
+        return pivoted_part_sums(run, element_pivot)
+    total = 0.0
+    total_sq = 0.0
+    for start in range(0, run.size, FLOAT32_SUM_TERMS):
+        part_total, part_total_sq = pivoted_part_sums(run[start:start + FLOAT32_SUM_TERMS],
+                                                      element_pivot)
+        total += part_total
+        total_sq += part_total_sq
+    return total, total_sq
+
+
+@njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH)
+def pivoted_moments(count, pivot, total, total_sq):
+    """Count, mean and sum of squared deviations of ``count`` elements from their pivoted sums
+    (``pivot`` a value near their mean, so the two sums do not cancel)."""
+    shifted_mean = total / count
+    return count, pivot + shifted_mean, max(total_sq - total * shifted_mean, 0.0)
+
+
+@njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH)
 def pivoted_chunk_moments(run, pivot):
     """Count, mean and sum of squared deviations of a 1-D run, in one pass of sums shifted by
-    ``pivot`` (a value near the run's mean, so the two sums do not cancel). float16 runs are
-    summed in float32 parts of at most FLOAT32_SUM_TERMS elements, about the pivot rounded to
-    float32; the parts are added in float64."""
+    ``pivot`` (rounded to float32 for float16 runs, see ``pivoted_run_sums``)."""
     element_pivot = elementwise_float(pivot, run)
-    if not summed_in_float32(run):
-        total, total_sq = pivoted_part_sums(run, element_pivot)
-    else:
-        total = 0.0
-        total_sq = 0.0
-        for start in range(0, run.size, FLOAT32_SUM_TERMS):
-            part_total, part_total_sq = pivoted_part_sums(run[start:start + FLOAT32_SUM_TERMS],
-                                                          element_pivot)
-            total += part_total
-            total_sq += part_total_sq
-    count = float(run.size)
-    shifted_mean = total / count
-    return count, element_pivot + shifted_mean, max(total_sq - total * shifted_mean, 0.0)
+    total, total_sq = pivoted_run_sums(run, element_pivot)
+    return pivoted_moments(float(run.size), element_pivot, total, total_sq)
 
 
 @njit(**HELPER)
@@ -353,27 +365,60 @@ def thread_count(max_threads, items):
 
 # ----------------------------------------------------------------------------- statistics
 @njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
+def moments_rows_planar(x, lo, hi, count, mean, m2):
+    """``moments_items_planar`` of rows of one chunk: each feature's rows are summed about one
+    pivot into blocks of about PLANAR_CHUNK elements, each merged once."""
+    features, inner = x.shape[1], x.shape[2]
+    block_rows = max(1, PLANAR_CHUNK // inner)
+    # per feature: the open block's pivot (as the elements are computed), sums and row count
+    pivot = np.empty(features)
+    total = np.zeros(features)
+    total_sq = np.zeros(features)
+    rows = np.zeros(features, np.int64)
+    o0, o1 = planar_outer_span(lo, hi, features, 1)
+    for o in range(o0, o1):
+        c0, c1 = planar_feature_span(o, lo, hi, features, 1)
+        for c in range(c0, c1):
+            if rows[c] == 0:
+                pivot[c] = elementwise_float(mean[c] if count[c] > 0.0 else widen(x[o, c, 0]),
+                                             x)
+            row_total, row_total_sq = pivoted_run_sums(x[o, c, 0:inner],
+                                                       elementwise_float(pivot[c], x))
+            total[c] += row_total
+            total_sq[c] += row_total_sq
+            rows[c] += 1
+            if rows[c] == block_rows:
+                n_b, mean_b, m2_b = pivoted_moments(float(rows[c] * inner), pivot[c], total[c],
+                                                    total_sq[c])
+                count[c], mean[c], m2[c] = chan_merge(count[c], mean[c], m2[c], n_b, mean_b,
+                                                      m2_b)
+                total[c], total_sq[c], rows[c] = 0.0, 0.0, 0
+    for c in range(features):
+        if rows[c] > 0:
+            n_b, mean_b, m2_b = pivoted_moments(float(rows[c] * inner), pivot[c], total[c],
+                                                total_sq[c])
+            count[c], mean[c], m2[c] = chan_merge(count[c], mean[c], m2[c], n_b, mean_b, m2_b)
+
+
+@njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
 def moments_items_planar(x, chunk, lo, hi, count, mean, m2):
     features, inner = x.shape[1], x.shape[2]
     n_chunks = planar_work(x, chunk)[0]
+    if n_chunks == 1:
+        moments_rows_planar(x, lo, hi, count, mean, m2)
+        return
     o0, o1 = planar_outer_span(lo, hi, features, n_chunks)
     for o in range(o0, o1):
         c0, c1 = planar_feature_span(o, lo, hi, features, n_chunks)
         for c in range(c0, c1):
-            if n_chunks == 1:
-                pivot = mean[c] if count[c] > 0.0 else widen(x[o, c, 0])
-                n_b, mean_b, m2_b = pivoted_chunk_moments(x[o, c, 0:inner], pivot)
+            p0, p1 = planar_piece_span(o, c, lo, hi, features, n_chunks)
+            for piece in range(p0, p1):
+                start = piece * chunk
+                stop = min(start + chunk, inner)
+                pivot = mean[c] if count[c] > 0.0 else widen(x[o, c, start])
+                n_b, mean_b, m2_b = pivoted_chunk_moments(x[o, c, start:stop], pivot)
                 count[c], mean[c], m2[c] = chan_merge(count[c], mean[c], m2[c], n_b, mean_b,
                                                       m2_b)
-            else:
-                p0, p1 = planar_piece_span(o, c, lo, hi, features, n_chunks)
-                for piece in range(p0, p1):
-                    start = piece * chunk
-                    stop = min(start + chunk, inner)
-                    pivot = mean[c] if count[c] > 0.0 else widen(x[o, c, start])
-                    n_b, mean_b, m2_b = pivoted_chunk_moments(x[o, c, start:stop], pivot)
-                    count[c], mean[c], m2[c] = chan_merge(count[c], mean[c], m2[c], n_b, mean_b,
-                                                          m2_b)
 
 
 @threaded_and_serial
@@ -1190,8 +1235,10 @@ def backward_elementwise_channels_last(dy3, x3, gamma, beta, mean, invstd, dgamm
 # the work (measured at (256, 1024) float32 on 2 threads, forward-train 144 -> 110 us; serially
 # on small inputs, four calls cost more than the pass). The threaded whole pass calls the
 # threaded kernels; its serial twin in SERIAL calls their serial compilations, so both give
-# bitwise the results of the separate calls. Outputs go into ``stats`` ((3, C): mean, var,
-# invstd) and ``grads`` ((2, C): dgamma, dbeta).
+# the results of the separate calls to rounding. Not bitwise: LLVM inlines the steps into the
+# pass and may vectorize their fast-math sums in another order there (data-dependent last-bit
+# differences in about one case in six, measured). Each is deterministic from run to run.
+# Outputs go into ``stats`` ((3, C): mean, var, invstd) and ``grads`` ((2, C): dgamma, dbeta).
 @njit(**CHECK)
 def checked_running_update(mean, var, running_mean, running_var, count, momentum):
     """The forward's checks, then the running update: a ``contract`` status."""
