@@ -376,18 +376,18 @@ PLANAR_TRIP_TERMS = 1024
 
 
 @njit(inline="always", cache=True)
-def planar_trip_outer(x):
-    """Outer indices whose rows of one feature a planar trip sums at once: 4 on short rows
-    (float16's at most FLOAT32_SUM_TERMS elements in all, its sums being float32), else 1."""
+def takes_planar_trips(x):
+    """Whether the planar view's rows are short enough for 4-row trips (float16's four rows
+    at most FLOAT32_SUM_TERMS elements in all, its sums being float32)."""
     limit = FLOAT32_SUM_TERMS if summed_in_float32(x) else PLANAR_TRIP_TERMS
-    return 4 if 4 * x.shape[2] <= limit else 1
+    return 4 * x.shape[2] <= limit
 
 
 @njit(inline="always", cache=True)
-def whole_planar_trip(o, o1, lo, hi, features, trip):
-    """Whether items ``[lo, hi)`` hold every row at outer indices ``o .. o + trip - 1``."""
-    return (trip > 1 and o + trip <= o1 and planar_feature_span(o, lo, hi, features, 1)[0] == 0
-            and planar_feature_span(o + trip - 1, lo, hi, features, 1)[1] == features)
+def whole_planar_trip(o, o1, lo, hi, features):
+    """Whether items ``[lo, hi)`` hold every row at outer indices ``o .. o + 3``."""
+    return (o + 4 <= o1 and planar_feature_span(o, lo, hi, features, 1)[0] == 0
+            and planar_feature_span(o + 3, lo, hi, features, 1)[1] == features)
 
 
 @njit(inline="always", cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
@@ -419,7 +419,6 @@ def moments_rows_planar_in_trips(x, lo, hi, count, mean, m2, trips):
     compilation keeps one loop body)."""
     features, inner = x.shape[1], x.shape[2]
     block_rows = max(1, PLANAR_CHUNK // inner)
-    trip = 4 if trips else 1
     # per feature: the open block's pivot (as the elements are computed), sums and row count
     pivot = np.empty(features)
     total = np.zeros(features)
@@ -428,7 +427,7 @@ def moments_rows_planar_in_trips(x, lo, hi, count, mean, m2, trips):
     o0, o1 = planar_outer_span(lo, hi, features, 1)
     o = o0
     while o < o1:
-        whole_trip = whole_planar_trip(o, o1, lo, hi, features, trip)
+        whole_trip = trips and whole_planar_trip(o, o1, lo, hi, features)
         c0, c1 = planar_feature_span(o, lo, hi, features, 1)
         for c in range(c0, c1):
             if rows[c] == 0:
@@ -457,8 +456,8 @@ def moments_rows_planar_in_trips(x, lo, hi, count, mean, m2, trips):
 def moments_rows_planar(x, lo, hi, count, mean, m2):
     """``moments_items_planar`` of rows of one chunk: each feature's rows are summed about one
     pivot into blocks of about PLANAR_CHUNK elements, each merged once; short rows four at
-    a time (``planar_trip_outer``)."""
-    if planar_trip_outer(x) == 4:
+    a time (``takes_planar_trips``)."""
+    if takes_planar_trips(x):
         moments_rows_planar_in_trips(x, lo, hi, count, mean, m2, True)
     else:
         moments_rows_planar_in_trips(x, lo, hi, count, mean, m2, False)
@@ -949,7 +948,7 @@ def backward_reduce_run(dy_run, x_run, y_run, mu, relu, scale, shift):
 @njit(inline="always", **HELPER)
 def backward_reduce_four_runs(dy, x, y, o, c, mu, relu, scale, shift):
     """``backward_reduce_part`` of feature ``c``'s rows at outer indices ``o .. o + 3``, in
-    one loop (``planar_trip_outer``)."""
+    one loop (``takes_planar_trips``)."""
     inner = x.shape[2]
     dy0, dy1, dy2, dy3 = (dy[o, c, 0:inner], dy[o + 1, c, 0:inner], dy[o + 2, c, 0:inner],
                           dy[o + 3, c, 0:inner])
@@ -976,11 +975,10 @@ def backward_reduce_rows_planar_in_trips(dy, x, y, mean, relu, scale, shift, lo,
     """``backward_reduce_rows_planar``, in 4-row trips where ``trips`` (a constant, as
     ``relu`` is then: a runtime flag's branches kept the trip from vectorizing)."""
     features, inner = x.shape[1], x.shape[2]
-    trip = 4 if trips else 1
     o0, o1 = planar_outer_span(lo, hi, features, 1)
     o = o0
     while o < o1:
-        whole_trip = whole_planar_trip(o, o1, lo, hi, features, trip)
+        whole_trip = trips and whole_planar_trip(o, o1, lo, hi, features)
         c0, c1 = planar_feature_span(o, lo, hi, features, 1)
         for c in range(c0, c1):
             if whole_trip:
@@ -998,7 +996,7 @@ def backward_reduce_rows_planar_in_trips(dy, x, y, mean, relu, scale, shift, lo,
 @njit(**HELPER)
 def backward_reduce_rows_planar(dy, x, y, mean, relu, scale, shift, lo, hi, sum_g, sum_g_xmu):
     """``backward_reduce_items_planar`` of rows of one chunk; short rows four at a time."""
-    if planar_trip_outer(x) == 1:
+    if not takes_planar_trips(x):
         backward_reduce_rows_planar_in_trips(dy, x, y, mean, relu, scale, shift, lo, hi, sum_g,
                                              sum_g_xmu, False)
     elif relu:
