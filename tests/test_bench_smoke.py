@@ -311,6 +311,28 @@ def test_compile_time_verdict():
     assert compile_time_verdict(None)["status"] == "SKIP"
     assert compile_time_verdict({"warm_first_result_s": 0.4})["status"] == "PASS"
     assert compile_time_verdict({"warm_first_result_s": 0.7})["status"] == "FAIL"
+    # the import floor is reported, and a floor above the target says so
+    above = compile_time_verdict({"warm_first_result_s": 0.7, "import_floor_s": 0.55})
+    assert above["status"] == "FAIL" and "0.55 s" in above["detail"]
+    assert "out of fastbn's reach" in above["detail"]
+    below = compile_time_verdict({"warm_first_result_s": 0.7, "import_floor_s": 0.3})
+    assert "0.30 s" in below["detail"] and "reach" not in below["detail"]
+
+
+def test_import_floor_child_imports_what_numba_loads_kernels_with():
+    # the floor is only a floor if loading a kernel really imports these modules
+    from fastbn.bench import compile_time
+    modules = [m.strip() for m in compile_time._IMPORT_FLOOR_CHILD.removeprefix("import ")
+               .split(",")]
+    probe = ("import sys, numba\n"
+             "before = set(sys.modules)\n"
+             "numba.njit(lambda: 1)()\n"
+             f"print(all(m in sys.modules for m in {modules!r}), "
+             "'scipy.linalg.cython_blas' in before)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    # all imported once a kernel ran, and scipy.linalg by that first kernel, not by numba's import
+    assert out.stdout.split() == ["True", "False"]
+    assert compile_time._import_floor_s() > 0.0
 
 
 def test_row_round_trips_through_json():

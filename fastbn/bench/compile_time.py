@@ -17,6 +17,12 @@ import time
 
 WARM_FIRST_RESULT_TARGET_S = 0.5  # issue 9
 
+# What every new process pays before fastbn runs anything, timed the same way (process wall
+# time): importing NumPy and Numba, and scipy.linalg, which Numba imports when it loads its
+# first kernel, cached or not (numba.np.arraymath's _check_blas, while it loads its typing
+# registries). It bounds the warm first result from below.
+_IMPORT_FLOOR_CHILD = "import numpy, numba, scipy.linalg.cython_blas"
+
 # Runs in the child. It times the import, the first result (a layer's training forward and
 # backward on a small NCHW float32 batch, the first thing a training loop does), then every
 # pass on each kernel layout and dtype, which compiles (or loads) every cpu kernel
@@ -58,6 +64,13 @@ def _run_child(mode: str, cache_dir: str) -> dict:
     return timings
 
 
+def _import_floor_s() -> float:
+    """Wall time of a new process that only imports what Numba needs to load a kernel."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _IMPORT_FLOOR_CHILD], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def measure_compile_time() -> dict:
     """Cold (empty cache) and warm-cache timings of fresh processes, in seconds.
 
@@ -66,15 +79,19 @@ def measure_compile_time() -> dict:
     dict with ``cold`` and ``warm`` (each: ``import_s``, ``first_result_s``, ``all_kernels_s``,
     ``process_wall_s``), ``warm_first_result_s`` (process start to first result: the warm
     ``first``-only child's wall time, interpreter start-up included: a layer's training
-forward and backward) and the target.
+forward and backward), ``import_floor_s`` (a new process that only imports NumPy, Numba and
+    scipy.linalg, which Numba imports to load any kernel: the floor under the first result)
+    and the target.
     """
     with tempfile.TemporaryDirectory(prefix="fastbn-numba-cache-") as cache_dir:
         cold = _run_child("all", cache_dir)
         warm = _run_child("all", cache_dir)
         warm_first = _run_child("first", cache_dir)
+    import_floor = _import_floor_s()
     return {
         "cold": cold,
         "warm": warm,
         "warm_first_result_s": warm_first["process_wall_s"],
+        "import_floor_s": import_floor,
         "warm_first_result_target_s": WARM_FIRST_RESULT_TARGET_S,
     }

@@ -129,7 +129,10 @@ def format_compile_time(compile_time: dict) -> str:
             f"all cpu kernels {cold['all_kernels_s']:.1f} s; warm cache: import "
             f"{warm['import_s']:.2f} s, first forward+backward {warm['first_result_s']:.2f} s "
             f"after import, new process start to first result "
-            f"{compile_time['warm_first_result_s']:.2f} s")
+            f"{compile_time['warm_first_result_s']:.2f} s"
+            + (f" (importing only NumPy, Numba and scipy.linalg: "
+               f"{compile_time['import_floor_s']:.2f} s)" if "import_floor_s" in compile_time
+               else ""))
 
 
 def format_run(results: dict, rows: list[Row]) -> str:
