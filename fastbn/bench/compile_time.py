@@ -79,9 +79,9 @@ def measure_compile_time() -> dict:
     dict with ``cold`` and ``warm`` (each: ``import_s``, ``first_result_s``, ``all_kernels_s``,
     ``process_wall_s``), ``warm_first_result_s`` (process start to first result: the warm
     ``first``-only child's wall time, interpreter start-up included: a layer's training
-forward and backward), ``import_floor_s`` (a new process that only imports NumPy, Numba and
-    scipy.linalg, which Numba imports to load any kernel: the floor under the first result)
-    and the target.
+    forward and backward), ``import_floor_s`` (a new process that only imports NumPy, Numba
+    and scipy.linalg, which Numba imports to load any kernel: the floor under the first
+    result) and the target.
     """
     with tempfile.TemporaryDirectory(prefix="fastbn-numba-cache-") as cache_dir:
         cold = _run_child("all", cache_dir)
