@@ -111,7 +111,8 @@ def test_whole_passes_give_their_steps(mode, shape3, dtype, fused):
     separate step calls, run the same way (serial, threaded, or in 7 serial partials). To a
     few units of rounding, not bitwise: inlined into the whole pass, a fast-math sum may be
     vectorized in another order (at HEAD 76b91f0 about one case in six differed in the last
-    bits, depending on the data)."""
+    bits, depending on the data). Numba inlines them in the code it caches, not in the process
+    that compiles (see test_compiling_and_caching_processes_agree_to_rounding)."""
     x, dy, gamma, beta = _inputs(shape3, dtype)
     residual = ref.random_array(shape3, dtype, seed=9) if "residual" in fused else None
     relu = "relu" in fused
@@ -405,6 +406,47 @@ def test_checks_compiled_first_by_a_fast_math_caller_still_see_nan(tmp_path):
                          text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["1", "False"]
+
+
+WHOLE_PASS_SCRIPT = """
+import sys
+import numpy as np
+from fastbn.backends import cpu_kernels as k
+
+x = np.random.default_rng(1).standard_normal((24, 7, 1)) * 3 + 5
+stats, moments = np.empty((3, 7)), np.empty((2, 7))
+rows = k.channels_last_block_rows(7, 8)
+k.SERIAL["forward_train_channels_last"](x, None, None, 1e-5, None, None, 0.1, None, False, rows,
+                                        np.empty_like(x), stats)
+k.SERIAL["batch_moments_channels_last"](x, rows, moments[0], moments[1])
+sys.stdout.write(np.concatenate([stats[:2], moments]).tobytes().hex())
+"""
+
+
+def test_compiling_and_caching_processes_agree_to_rounding(tmp_path):
+    """docs/api.md, Determinism: processes that load the kernels from Numba's cache give
+    bitwise the same results; the process that compiled them agrees with them to rounding
+    (it runs a whole pass as calls of its steps, the cached code has them inlined), and so does
+    a whole pass with its steps (measured: bitwise in the compiling process, not after)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", WHOLE_PASS_SCRIPT], capture_output=True,
+                              text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        values = np.frombuffer(bytes.fromhex(done.stdout), np.float64).reshape(4, 7)
+        return values[:2], values[2:]  # (mean, var) of the whole pass, then of the step
+
+    compiled_whole, compiled_steps = run()  # compiles into the empty cache
+    cached_whole, cached_steps = run()
+    again_whole, again_steps = run()
+    assert np.array_equal(cached_whole, again_whole) and np.array_equal(cached_steps,
+                                                                        again_steps)
+    for got, expected, what in ((compiled_whole, cached_whole, "whole pass"),
+                                (compiled_steps, cached_steps, "steps"),
+                                (compiled_whole, compiled_steps, "compiled"),
+                                (cached_whole, cached_steps, "cached")):
+        ref.assert_same_to_rounding(got, expected, np.float64, what=what)
 
 
 def test_nonfinite_features():
