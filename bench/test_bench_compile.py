@@ -16,5 +16,6 @@ def test_compile_time(benchmark):
         "cold_first_result_s": measured["cold"]["first_result_s"],
         "warm_all_kernels_s": measured["warm"]["all_kernels_s"],
         "warm_first_result_s": measured["warm_first_result_s"],
+        "numba_floor_s": measured["numba_floor_s"],
         "warm_first_result_target_s": WARM_FIRST_RESULT_TARGET_S,
     })

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,10 +19,21 @@ import time
 WARM_FIRST_RESULT_TARGET_S = 0.5  # issue 9
 
 # What every new process pays before fastbn runs anything, timed the same way (process wall
-# time): importing NumPy and Numba, and scipy.linalg, which Numba imports when it loads its
-# first kernel, cached or not (numba.np.arraymath's _check_blas, while it loads its typing
-# registries). It bounds the warm first result from below.
-_IMPORT_FLOOR_CHILD = "import numpy, numba, scipy.linalg.cython_blas"
+# time): importing NumPy and Numba and calling one trivial cached @njit function. Numba's first
+# call of any compiled function, cached or not, loads its typing and lowering registries
+# (importing numba.np's array, math and linalg modules, and scipy.linalg to check for BLAS),
+# which no package built on Numba avoids. It bounds the warm first result from below.
+_FLOOR_KERNEL = """
+import numba
+
+@numba.njit(cache=True)
+def first_element(a):
+    return a[0]
+"""
+_FLOOR_CHILD = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy; import floor_kernel; "
+                "floor_kernel.first_element(numpy.zeros(1))")
+# New processes' wall times vary by tens of milliseconds: each figure is a median of these.
+PROCESS_RUNS = 3
 
 # Runs in the child. It times the import, the first result (a layer's training forward and
 # backward on a small NCHW float32 batch, the first thing a training loop does), then every
@@ -64,11 +76,22 @@ def _run_child(mode: str, cache_dir: str) -> dict:
     return timings
 
 
-def _import_floor_s() -> float:
-    """Wall time of a new process that only imports what Numba needs to load a kernel."""
+def _process_wall_s(args: list[str], env: dict) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _IMPORT_FLOOR_CHILD], check=True, capture_output=True)
+    subprocess.run(args, env=env, check=True, capture_output=True)
     return time.perf_counter() - start
+
+
+def _numba_floor_s(cache_dir: str) -> float:
+    """Median wall time of a new process that imports NumPy and Numba and calls one trivial
+    @njit function from a warm cache (compiled into ``cache_dir`` by a first run)."""
+    with tempfile.TemporaryDirectory(prefix="fastbn-floor-") as module_dir:
+        with open(os.path.join(module_dir, "floor_kernel.py"), "w") as f:
+            f.write(_FLOOR_KERNEL)
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
+        args = [sys.executable, "-c", _FLOOR_CHILD, module_dir]
+        _process_wall_s(args, env)  # compiles and caches the function
+        return statistics.median(_process_wall_s(args, env) for _ in range(PROCESS_RUNS))
 
 
 def measure_compile_time() -> dict:
@@ -79,19 +102,35 @@ def measure_compile_time() -> dict:
     dict with ``cold`` and ``warm`` (each: ``import_s``, ``first_result_s``, ``all_kernels_s``,
     ``process_wall_s``), ``warm_first_result_s`` (process start to first result: the warm
     ``first``-only child's wall time, interpreter start-up included: a layer's training
-    forward and backward), ``import_floor_s`` (a new process that only imports NumPy, Numba
-    and scipy.linalg, which Numba imports to load any kernel: the floor under the first
-    result) and the target.
+    forward and backward; median of ``PROCESS_RUNS``), ``numba_floor_s`` (a new process that
+    imports NumPy and Numba and calls one trivial cached @njit function: the floor under the
+    first result; median of ``PROCESS_RUNS``) and the target.
     """
     with tempfile.TemporaryDirectory(prefix="fastbn-numba-cache-") as cache_dir:
         cold = _run_child("all", cache_dir)
         warm = _run_child("all", cache_dir)
-        warm_first = _run_child("first", cache_dir)
-    import_floor = _import_floor_s()
+        warm_first_s = statistics.median(_run_child("first", cache_dir)["process_wall_s"]
+                                         for _ in range(PROCESS_RUNS))
+        numba_floor = _numba_floor_s(cache_dir)
     return {
         "cold": cold,
         "warm": warm,
-        "warm_first_result_s": warm_first["process_wall_s"],
-        "import_floor_s": import_floor,
+        "warm_first_result_s": warm_first_s,
+        "numba_floor_s": numba_floor,
         "warm_first_result_target_s": WARM_FIRST_RESULT_TARGET_S,
     }
+
+
+def floor_of(compile_time: dict) -> tuple[float, str] | None:
+    """``(seconds, what was timed)`` of a result's floor under the first result, or None.
+
+    Results before 2026-12-03T19 timed only the imports (``import_floor_s``), which leave out
+    the registries Numba loads at its first call.
+    """
+    if "numba_floor_s" in compile_time:
+        return compile_time["numba_floor_s"], ("a new process that imports NumPy and Numba and "
+                                               "calls one trivial cached @njit function")
+    if "import_floor_s" in compile_time:
+        return compile_time["import_floor_s"], ("a new process that only imports NumPy, Numba "
+                                                "and scipy.linalg")
+    return None

@@ -7,6 +7,7 @@ are judged against PyTorch), and a fastbn row slower than PyTorch is flagged.
 
 from __future__ import annotations
 
+from .compile_time import floor_of
 from .measure import SECTIONS, format_seconds
 from .roofline import PASSES, STREAMS
 from .rows import Row
@@ -125,14 +126,13 @@ def format_targets(verdicts: list[dict]) -> str:
 
 def format_compile_time(compile_time: dict) -> str:
     cold, warm = compile_time["cold"], compile_time["warm"]
+    floor = floor_of(compile_time)
     return (f"compile   cold (empty Numba cache): first result {cold['first_result_s']:.2f} s, "
             f"all cpu kernels {cold['all_kernels_s']:.1f} s; warm cache: import "
             f"{warm['import_s']:.2f} s, first forward+backward {warm['first_result_s']:.2f} s "
             f"after import, new process start to first result "
             f"{compile_time['warm_first_result_s']:.2f} s"
-            + (f" (importing only NumPy, Numba and scipy.linalg: "
-               f"{compile_time['import_floor_s']:.2f} s)" if "import_floor_s" in compile_time
-               else ""))
+            + ("" if floor is None else f" ({floor[1]}: {floor[0]:.2f} s)"))
 
 
 def format_run(results: dict, rows: list[Row]) -> str:
