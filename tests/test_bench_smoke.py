@@ -323,6 +323,17 @@ def test_compile_time_verdict():
     assert "only imports NumPy, Numba and scipy.linalg takes 0.37 s" in old["detail"]
 
 
+def test_timed_children_get_both_caches(monkeypatch):
+    # Numba's cache where asked, and Python's bytecode cache on even where the shell turned it
+    # off: a warm child must not compile fastbn's sources again.
+    from fastbn.bench import compile_time
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    env = compile_time.child_env("/some/cache")
+    assert env["NUMBA_CACHE_DIR"] == "/some/cache"
+    assert "PYTHONDONTWRITEBYTECODE" not in env
+    assert os.environ["PYTHONDONTWRITEBYTECODE"] == "1"  # this process's own is untouched
+
+
 def test_numba_floor_times_a_first_call_loaded_from_the_cache(tmp_path):
     # The floor is only a floor if its timed run loads its function from the cache and, like
     # any first call, loads Numba's registries (numba.np's lowering, scipy.linalg for BLAS).
@@ -330,7 +341,7 @@ def test_numba_floor_times_a_first_call_loaded_from_the_cache(tmp_path):
     module_dir = tmp_path / "module"
     module_dir.mkdir()
     (module_dir / "floor_kernel.py").write_text(compile_time._FLOOR_KERNEL)
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    env = compile_time.child_env(str(tmp_path / "cache"))
     probe = (compile_time._FLOOR_CHILD
              + "; print(sum(floor_kernel.first_element.stats.cache_hits.values()), "
                "all(m in sys.modules for m in ('numba.np.arrayobj', 'scipy.linalg.cython_blas')))")
