@@ -340,7 +340,7 @@ def test_numba_floor_times_a_first_call_loaded_from_the_cache(tmp_path):
     from fastbn.bench import compile_time
     module_dir = tmp_path / "module"
     module_dir.mkdir()
-    (module_dir / "floor_kernel.py").write_text(compile_time._FLOOR_KERNEL)
+    compile_time.write_floor_kernel(str(module_dir))
     env = compile_time.child_env(str(tmp_path / "cache"))
     probe = (compile_time._FLOOR_CHILD
              + "; print(sum(floor_kernel.first_element.stats.cache_hits.values()), "

@@ -74,33 +74,36 @@ def child_env(cache_dir: str) -> dict[str, str]:
     return env
 
 
-def _run_child(mode: str, cache_dir: str) -> dict:
-    env = child_env(cache_dir)
+def _timed_run(args: list[str], env: dict) -> tuple[float, str]:
+    """``(wall seconds, stdout)`` of a child process."""
     start = time.perf_counter()
-    completed = subprocess.run([sys.executable, "-c", _CHILD, mode], env=env, check=True,
-                               capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    timings = json.loads(completed.stdout.strip().splitlines()[-1])
+    completed = subprocess.run(args, env=env, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, completed.stdout
+
+
+def _run_child(mode: str, cache_dir: str) -> dict:
+    wall, stdout = _timed_run([sys.executable, "-c", _CHILD, mode], child_env(cache_dir))
+    timings = json.loads(stdout.strip().splitlines()[-1])
     timings["process_wall_s"] = wall
     return timings
 
 
-def _process_wall_s(args: list[str], env: dict) -> float:
-    start = time.perf_counter()
-    subprocess.run(args, env=env, check=True, capture_output=True)
-    return time.perf_counter() - start
+def write_floor_kernel(module_dir: str) -> None:
+    """The floor's module, ``floor_kernel.py``, in ``module_dir`` (``_FLOOR_CHILD`` imports it
+    from the directory given as its argument)."""
+    with open(os.path.join(module_dir, "floor_kernel.py"), "w") as f:
+        f.write(_FLOOR_KERNEL)
 
 
 def _numba_floor_s(cache_dir: str) -> float:
     """Median wall time of a new process that imports NumPy and Numba and calls one trivial
     @njit function from a warm cache (compiled into ``cache_dir`` by a first run)."""
     with tempfile.TemporaryDirectory(prefix="fastbn-floor-") as module_dir:
-        with open(os.path.join(module_dir, "floor_kernel.py"), "w") as f:
-            f.write(_FLOOR_KERNEL)
+        write_floor_kernel(module_dir)
         env = child_env(cache_dir)
         args = [sys.executable, "-c", _FLOOR_CHILD, module_dir]
-        _process_wall_s(args, env)  # compiles and caches the function
-        return statistics.median(_process_wall_s(args, env) for _ in range(PROCESS_RUNS))
+        _timed_run(args, env)  # compiles and caches the function
+        return statistics.median(_timed_run(args, env)[0] for _ in range(PROCESS_RUNS))
 
 
 def measure_compile_time() -> dict:
