@@ -25,13 +25,13 @@ import pytest
 
 import reference
 from fastbn.bench import cases, cli, fused, layer, measure, numpy_layer, registry, render
-from fastbn.bench.roofline import (PASS_STREAMS, PASSES, Bandwidth, BandwidthSchedule,
-                                   bytes_moved, gb_per_s, measure_bandwidth, memory_regime,
-                                   roofline_percent)
+from fastbn.bench.roofline import (PASS_STREAMS, PASSES, STREAM_BODIES, Bandwidth,
+                                   BandwidthSchedule, StreamBodies, bytes_moved, gb_per_s,
+                                   measure_bandwidth, memory_regime, roofline_percent)
 from fastbn.bench.rows import SCHEMA, Row
 from fastbn.bench.stats import Ratio, speedup
 from fastbn.bench.targets import NO_TORCH, TARGETS, Target, compile_time_verdict, evaluate
-from fastbn.bench.timing import time_body, time_interleaved, time_round_robin
+from fastbn.bench.timing import Timing, time_body, time_interleaved, time_round_robin
 
 REPO = Path(__file__).resolve().parents[1]
 # float16: the naive backend computes in float32 and fastbn in float64, each rounding once, so
@@ -188,6 +188,50 @@ def test_bandwidth_schedule_judges_each_group_by_the_probes_around_it():
     assert [d.roofline_gb_s for d in denominators] == [30.0, 30.0, 20.0]
     assert runs_seen == [15, 5, 5, 15]
     assert schedule.best().roofline_gb_s == 30.0
+
+
+def test_stream_bodies_rate_is_their_median_sample():
+    streams = StreamBodies(2**20)
+    assert set(streams.bodies) == set(STREAM_BODIES)
+    for body in streams.bodies.values():
+        body()
+    b = streams.bandwidth(Timing((9.0, 1e-3, 2e-3), 4), Timing((4e-3, 1.0, 1e-3), 2))
+    assert b.read_gb_s == pytest.approx(2**20 / 2e-3 / 1e9)
+    assert b.read_write_gb_s == pytest.approx(2 * 2**20 / 4e-3 / 1e9)
+    assert (b.array_bytes, b.runs) == (2**20, 3)
+
+
+def test_side_by_side_streams_are_timed_in_each_groups_rounds():
+    """The report's rule: a host row is judged against the streams' medians from its own
+    group's rounds; the best probe around the group stays as its peak."""
+    peak = Bandwidth(read_gb_s=1e6, read_write_gb_s=1e6, array_bytes=1, runs=1, threads=1)
+    schedule = BandwidthSchedule(2**20, measure=lambda array_bytes, runs: peak,
+                                 side_by_side=True)
+    timed = []
+    timer = measure.round_robin_timer(3, 1e-4)
+
+    def recording_timer(makers):
+        timed.append(set(makers))
+        return timer(makers)
+
+    rows, failures = measure.run_section(
+        measure.SECTIONS["pass"], [cases.TINY_CASES[0]], ["float32"], ["numpy", "cpu"],
+        ["forward-eval", "moments"], recording_timer, schedule, progress=None)
+    assert failures == []
+    assert timed == [{"numpy", "cpu", *STREAM_BODIES}] * 2
+    assert {r.implementation for r in rows} == {"numpy", "cpu"}    # the streams make no rows
+    side = schedule.side_by_side_denominators()
+    assert len(side) == 2 and all(b is not None and b.runs == 3 for b in side)
+    measure.apply_roofline(rows, schedule.finish(), side_by_side=side)
+    for row in rows:
+        assert row.roofline_gb_s == side[row.bandwidth_group].roofline_gb_s
+        assert row.roofline_percent == pytest.approx(
+            roofline_percent(row.bytes, row.median_s, row.roofline_gb_s))
+        assert row.peak_roofline_gb_s == 1e6
+        assert row.peak_roofline_percent == pytest.approx(
+            roofline_percent(row.bytes, row.median_s, 1e6))
+    # the pytest-benchmark suite cannot interleave: without side_by_side there are no streams
+    assert BandwidthSchedule(2**20).stream_bodies() == {}
 
 
 def test_bandwidth_measurement_runs():
@@ -418,6 +462,9 @@ def test_report_cli_end_to_end(tmp_path):
     groups = 2 * len(PASSES) + (2 * len(fused.OPERATIONS) if fused_runs else 0)
     assert len(results["bandwidth"]["per_group_roofline_gb_s"]) == groups
     assert len(results["bandwidth_probes"]) == groups + 1  # start, between the groups, end
+    assert len(results["bandwidth"]["per_group_peak_gb_s"]) == groups
+    assert len(results["bandwidth_side_by_side"]) == groups
+    assert all(b is not None for b in results["bandwidth_side_by_side"])
     rows = [Row.from_dict(r) for r in results["rows"]]
     pass_rows = [r for r in rows if r.section == "pass"]
     assert len(pass_rows) == 2 * len(PASSES) * 2  # 2 shapes, numpy and cpu
@@ -430,6 +477,8 @@ def test_report_cli_end_to_end(tmp_path):
         assert row.roofline_gb_s == per_group[row.bandwidth_group]
         assert row.roofline_percent == pytest.approx(roofline_percent(
             row.bytes, row.median_s, row.roofline_gb_s))
+        peaks = results["bandwidth"]["per_group_peak_gb_s"]
+        assert row.peak_roofline_gb_s == peaks[row.bandwidth_group]
         if row.implementation == "cpu":
             assert row.speedups["numpy"].low is not None
     fused_rows = [r for r in rows if r.section == "fused"]
@@ -439,7 +488,7 @@ def test_report_cli_end_to_end(tmp_path):
     layer_rows = [r for r in rows if r.section == "layer"]
     assert {r.implementation for r in layer_rows} >= {"fastbn", "numpy-layer"}
     assert all(r.samples == 20 and r.bytes is None for r in layer_rows)
-    assert "% roofline" in text and "pass cuda rows skipped" in text and "SKIP" in text
+    assert "% roofline" in text and "% peak" in text and "pass cuda rows skipped" in text and "SKIP" in text
     if all(r.implementation != "torch" for r in rows):
         assert NO_TORCH in text
 

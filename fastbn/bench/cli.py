@@ -194,7 +194,7 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
         torch.set_num_threads(registry.torch_threads())
 
     bandwidth_bytes = args.bandwidth_mib * 2**20 if args.bandwidth_mib else None
-    schedule = BandwidthSchedule(bandwidth_bytes)
+    schedule = BandwidthSchedule(bandwidth_bytes, side_by_side=True)
     cache_bytes = machine.l3_cache_bytes()
     gpu_measured = any(SECTIONS[name].device(i) == "gpu"
                        for name, (_, impls, _, _) in plan.items() for i in impls)
@@ -226,16 +226,21 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
     results["bandwidth"] = None
     if schedule.probes:
         results["bandwidth"] = schedule.best().to_dict()
-        results["bandwidth"]["per_group_roofline_gb_s"] = [b.roofline_gb_s
-                                                           for b in host_by_group]
+        results["bandwidth"]["per_group_peak_gb_s"] = [b.roofline_gb_s for b in host_by_group]
+        results["bandwidth"]["per_group_roofline_gb_s"] = [
+            (timed or peak).roofline_gb_s
+            for timed, peak in zip(schedule.side_by_side_denominators(), host_by_group)]
     results["bandwidth_probes"] = [b.to_dict() for b in schedule.probes]
+    results["bandwidth_side_by_side"] = [None if b is None else b.to_dict()
+                                         for b in schedule.side_by_side_denominators()]
     gpu_bandwidth = None
     if gpu_measured:
         _say("measuring GPU memory bandwidth (copy kernel) ...", progress)
         gpu_bandwidth = measure_gpu_bandwidth()
     results["gpu_bandwidth"] = gpu_bandwidth.to_dict() if gpu_bandwidth else None
     measure.apply_roofline(rows, host_by_group, gpu_bandwidth,
-                           machine.gpu_l2_bytes() if gpu_measured else None)
+                           machine.gpu_l2_bytes() if gpu_measured else None,
+                           schedule.side_by_side_denominators())
     # machine info last: the thread pools (OpenMP, torch's) are loaded by now
     results["machine"] = machine.machine_info()
     results["load_average"] = {"start": load_at_start, "end": machine.load_average()}

@@ -184,7 +184,12 @@ def run_section(section: Section, cases: list[Case], dtypes: list[str],
                 group = (schedule.enter((section.name, case.name, dtype, operation))
                          if schedule is not None and section.roofline else None)
                 makers = {name: (lambda s=setups[name]: s(inputs)) for name in names}
+                if group is not None:  # the streams, timed in this group's rounds
+                    makers.update({name: (lambda b=body: b) for name, body in
+                                   schedule.stream_bodies().items()})
                 timings, errors = timer(makers)
+                if group is not None:
+                    schedule.record(group, timings)
                 for name, error in errors.items():
                     failures.append({"section": section.name, "implementation": name,
                                      "operation": operation, "case": case.name,
@@ -233,14 +238,22 @@ def add_speedups(section: Section, group_rows: list[Row]) -> None:
 
 def apply_roofline(rows: list[Row], host_by_group: list[Bandwidth],
                    gpu_bandwidth: Bandwidth | None = None,
-                   gpu_cache_bytes: int | None = None) -> None:
+                   gpu_cache_bytes: int | None = None,
+                   side_by_side: list[Bandwidth | None] | None = None) -> None:
     """Set each roofline row's denominator and % of roofline: a host row is judged against the
-    bandwidth measured around its group, a GPU row against the GPU's device memory."""
+    streams timed in its group's rounds where ``side_by_side`` has them, else against the
+    best probe around its group (its peak, kept as ``peak_roofline_*`` either way); a GPU row
+    against the GPU's device memory."""
     for row in rows:
         if row.bytes is None:
             continue
         if row.bandwidth_group is not None:
-            denominator = host_by_group[row.bandwidth_group]
+            peak = host_by_group[row.bandwidth_group]
+            timed = side_by_side[row.bandwidth_group] if side_by_side else None
+            denominator = timed or peak
+            row.peak_roofline_gb_s = peak.roofline_gb_s
+            row.peak_roofline_percent = roofline_percent(row.bytes, row.median_s,
+                                                         peak.roofline_gb_s)
         elif gpu_bandwidth is not None:
             denominator = gpu_bandwidth
             row.memory = memory_regime(row.operation, row.bytes // _streams(row), gpu_cache_bytes)

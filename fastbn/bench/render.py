@@ -28,12 +28,14 @@ def slower_than_torch(row: Row) -> bool:
     return _is_candidate(row) and ratio is not None and ratio.value < 1.0
 
 
-def roofline_text(row: Row) -> str:
-    if row.roofline_percent is None:
+def roofline_text(row: Row, peak: bool = False) -> str:
+    """The row's % of roofline (of its peak with ``peak``), or "cache" for cache-resident rows."""
+    percent = row.peak_roofline_percent if peak else row.roofline_percent
+    if percent is None:
         return "-"
     if row.memory == "cache":
         return "cache"
-    return f"{row.roofline_percent:.0f} %"
+    return f"{percent:.0f} %"
 
 
 def _ratio_text(ratio: Ratio | None) -> str:
@@ -47,14 +49,16 @@ def format_table(rows: list[Row]) -> str:
     header = (["implementation", "operation", "shape", "dtype", "median"]
               + [f"vs {REFERENCE_LABELS.get(k, k)}" for k in keys])
     has_roofline = any(r.bytes is not None for r in rows)
+    has_peak = any(r.peak_roofline_percent is not None for r in rows)
     if has_roofline:
-        header += ["GB/s", "% roofline"]
+        header += ["GB/s", "% roofline"] + (["% peak"] if has_peak else [])
     cells = [header]
     for r in rows:
         line = [r.implementation, r.operation, r.label, r.dtype, format_seconds(r.median_s)]
         line += [_ratio_text(r.speedups.get(k)) for k in keys]
         if has_roofline:
             line += ["-" if r.gb_per_s is None else f"{r.gb_per_s:.1f}", roofline_text(r)]
+            line += [roofline_text(r, peak=True)] if has_peak else []
         line.append(SLOWER_FLAG if slower_than_torch(r) else "")
         cells.append(line)
     header.append("")
@@ -116,8 +120,13 @@ def _roofline_range_text(b: dict) -> str:
     per_group = b.get("per_group_roofline_gb_s")
     if not per_group:
         return f"; roofline uses {b['roofline_gb_s']:.1f} GB/s"
-    return (f"; each (shape, dtype, pass) is compared with the faster stream measured just "
-            f"before and after it: {min(per_group):.1f} to {max(per_group):.1f} GB/s")
+    peaks = b.get("per_group_peak_gb_s")
+    if peaks is None:  # records before the side-by-side streams
+        return (f"; each (shape, dtype, pass) is compared with the faster stream measured just "
+                f"before and after it: {min(per_group):.1f} to {max(per_group):.1f} GB/s")
+    return (f"; each (shape, dtype, pass) is compared with the faster stream's median timed in "
+            f"its own rounds: {min(per_group):.1f} to {max(per_group):.1f} GB/s (% peak: with "
+            f"the best probe just before and after it, {min(peaks):.1f} to {max(peaks):.1f})")
 
 
 def format_targets(verdicts: list[dict]) -> str:

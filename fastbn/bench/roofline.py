@@ -20,6 +20,7 @@ from numba import njit, prange
 
 from ..backends.stores import (STAGE_BYTES, l3_cache_bytes, line_span, stack_stage, store_streaming,
                                stream_lines)
+from .timing import Body, Timing
 
 # Full passes of the tensor each operation cannot avoid (minimum traffic, whatever the kernel):
 # forward-train reads x for the statistics, then reads x and writes y; eval reads x and writes y;
@@ -274,6 +275,40 @@ def measure_bandwidth(array_bytes: int | None = None,
                      array_bytes=int(a.nbytes), runs=runs, threads=numba.get_num_threads())
 
 
+# Names of the two streams when they are timed as bodies among a group's implementations.
+STREAM_READ = "stream-read"
+STREAM_READ_WRITE = "stream-read-write"
+STREAM_BODIES = (STREAM_READ, STREAM_READ_WRITE)
+
+
+class StreamBodies:
+    """The two bandwidth streams as zero-argument bodies over one array pair, so a group's
+    rounds can time them beside its implementations (:class:`BandwidthSchedule`, side by side).
+
+    The read+write body is whichever scale (ordinary, streaming, or streaming-line stores) was
+    fastest in three runs at construction, as :func:`measure_bandwidth` keeps the fastest.
+    """
+
+    def __init__(self, array_bytes: int | None = None) -> None:
+        array_bytes = int(array_bytes or default_bandwidth_bytes())
+        a = np.arange(max(1, array_bytes // 8), dtype=np.float64)  # distinct values per page
+        out = np.empty_like(a)
+        scale = min((_stream_read_write, _stream_read_write_streaming,
+                     _stream_read_write_lines),
+                    key=lambda stream: _best_seconds(lambda: stream(a, out, 0.5), 3))
+        self.array_bytes = int(a.nbytes)
+        self.bodies = {STREAM_READ: lambda: _stream_read(a),
+                       STREAM_READ_WRITE: lambda: scale(a, out, 0.5)}
+
+    def bandwidth(self, read: Timing, read_write: Timing) -> Bandwidth:
+        """The rates of the median samples of the two bodies (the rows' own statistic)."""
+        return Bandwidth(read_gb_s=gb_per_s(self.array_bytes, read.median_s),
+                         read_write_gb_s=gb_per_s(2 * self.array_bytes, read_write.median_s),
+                         array_bytes=self.array_bytes,
+                         runs=min(read.repeats, read_write.repeats),
+                         threads=numba.get_num_threads())
+
+
 BETWEEN_GROUPS_RUNS = 5
 
 
@@ -285,19 +320,45 @@ class BandwidthSchedule:
     measurement at the start would misjudge rows timed later. The host bandwidth is probed
     before the first *group* of rows (one shape, dtype and pass: the rows compared with each
     other), between consecutive groups and after the last (:meth:`finish`); a group's roofline
-    denominator is the best of the probes just before and just after it.
+    denominator is the best of the probes just before and just after it: its *peak*.
+
+    The VM's speed also flips between two states about 1.5x apart every few seconds, and a
+    best-of probe catches the fast one while a row's median may not. So where a driver can
+    time the streams in a group's own rounds (``side_by_side``: the report's round robin, not
+    pytest-benchmark, which times one benchmark at a time), :meth:`stream_bodies` gives them as
+    bodies and :meth:`record` keeps their medians: that group's denominator is then the
+    *side-by-side* bandwidth, the same statistic over the same seconds as its rows.
     """
 
     def __init__(self, array_bytes: int | None = None,
                  runs_at_ends: int = DEFAULT_BANDWIDTH_RUNS,
                  runs_between: int = BETWEEN_GROUPS_RUNS,
-                 measure=None) -> None:
+                 measure=None, side_by_side: bool = False) -> None:
         self.array_bytes = array_bytes
         self.runs_at_ends, self.runs_between = runs_at_ends, runs_between
         self._measure = measure or measure_bandwidth
         self.probes: list[Bandwidth] = []
         self.groups: list[object] = []
         self.finished = False
+        self.side_by_side = side_by_side
+        self._streams: StreamBodies | None = None
+        self.side_by_side_bandwidth: dict[int, Bandwidth] = {}
+
+    def stream_bodies(self) -> dict[str, Body]:
+        """``{STREAM_READ: body, STREAM_READ_WRITE: body}`` to time among a group's
+        implementations (empty unless ``side_by_side``)."""
+        if not self.side_by_side:
+            return {}
+        if self._streams is None:
+            self._streams = StreamBodies(self.array_bytes)
+        return self._streams.bodies
+
+    def record(self, group: int, timings: dict[str, Timing]) -> None:
+        """Take the stream bodies' timings out of ``timings`` and keep group ``group``'s
+        side-by-side bandwidth (a group whose streams did not run keeps only its peak)."""
+        read, read_write = (timings.pop(name, None) for name in STREAM_BODIES)
+        if self._streams is not None and read is not None and read_write is not None:
+            self.side_by_side_bandwidth[group] = self._streams.bandwidth(read, read_write)
 
     def enter(self, key: object) -> int:
         """Start the group ``key`` (probing first) unless it is the current one; its index."""
@@ -318,6 +379,10 @@ class BandwidthSchedule:
     def denominators(self) -> list[Bandwidth]:
         """Per group, the best of the probes around it (after :meth:`finish`)."""
         return [before.best_with(after) for before, after in zip(self.probes, self.probes[1:])]
+
+    def side_by_side_denominators(self) -> list[Bandwidth | None]:
+        """Per group, the bandwidth timed in its own rounds, or None where none was."""
+        return [self.side_by_side_bandwidth.get(g) for g in range(len(self.groups))]
 
     def best(self) -> Bandwidth:
         """The fastest rates seen in the whole run."""

@@ -52,6 +52,8 @@ class Row:
     bandwidth_group: int | None = None
     roofline_gb_s: float | None = None
     roofline_percent: float | None = None
+    peak_roofline_gb_s: float | None = None
+    peak_roofline_percent: float | None = None
     memory: str | None = None
     speedups: dict[str, Ratio] = field(default_factory=dict)
     # per-sample times, kept in memory for the confidence intervals, not saved
