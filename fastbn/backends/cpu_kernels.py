@@ -587,35 +587,44 @@ def trip_rows(x):
     return 2 if x.itemsize == 8 else 4
 
 
+# The trip hints index the flat view of the whole array (made once per sweep): indexing a row
+# view per trip instead cost more than the sums in cache (one thread, (4096, 64) float32
+# statistics sweep 17 GB/s with row views, 40 GB/s flat, the same hints; from DRAM both 34 GB/s).
 @njit(inline="always", cache=True)
-def prefetch_trip(a, r, trip):
-    """Hint the lines of ``trip`` rows PREFETCH_AHEAD bytes past row ``r`` of ``a``."""
-    ahead = PREFETCH_AHEAD // a.itemsize
-    for ahead_of_row in range(ahead, ahead + trip * a.shape[1], CACHE_LINE // a.itemsize):
-        prefetch_element(a[r], ahead_of_row)
+def prefetch_trip(flat, at, trip_elements):
+    """Hint the lines of the ``trip_elements`` elements PREFETCH_AHEAD bytes past element
+    ``at`` of the 1-D ``flat``."""
+    ahead = at + PREFETCH_AHEAD // flat.itemsize
+    for e in range(ahead, ahead + trip_elements, CACHE_LINE // flat.itemsize):
+        prefetch_element(flat, e)
 
 
 @njit(inline="always", cache=True)
-def prefetch_trip_to_l2(a, r, trip):
-    """Hint the lines of ``trip`` rows MOMENTS_PREFETCH_AHEAD bytes past row ``r`` of ``a``
-    into L2."""
-    ahead = MOMENTS_PREFETCH_AHEAD // a.itemsize
-    for ahead_of_row in range(ahead, ahead + trip * a.shape[1], CACHE_LINE // a.itemsize):
-        prefetch_element_to_l2(a[r], ahead_of_row)
+def prefetch_trip_to_l2(flat, at, trip_elements):
+    """``prefetch_trip`` MOMENTS_PREFETCH_AHEAD bytes ahead, into L2."""
+    ahead = at + MOMENTS_PREFETCH_AHEAD // flat.itemsize
+    for e in range(ahead, ahead + trip_elements, CACHE_LINE // flat.itemsize):
+        prefetch_element_to_l2(flat, e)
 
 
 @njit(cache=True, fastmath=STATISTICS_FASTMATH, error_model="numpy")
 def sweep_short_rows(x, r0, r1, pivot, total, total_sq):
     """``sweep_pivoted_sums`` of short rows: trips of 4 rows (2 of float64), hinted ahead."""
-    trip = trip_rows(x)
+    features = x.shape[1]
+    flat = x.reshape(x.size)
     r = r0
-    while r + trip <= r1:
-        prefetch_trip_to_l2(x, r, trip)
-        if trip == 2:
+    # one loop per trip size: choosing the size inside a single loop halved the sweep's speed
+    # in cache (one thread, (4096, 64) float32: 15 GB/s against 36)
+    if trip_rows(x) == 2:
+        while r + 2 <= r1:
+            prefetch_trip_to_l2(flat, r * features, 2 * features)
             add_two_rows(x[r], x[r + 1], pivot, total, total_sq)
-        else:
+            r += 2
+    else:
+        while r + 4 <= r1:
+            prefetch_trip_to_l2(flat, r * features, 4 * features)
             add_four_rows(x[r], x[r + 1], x[r + 2], x[r + 3], pivot, total, total_sq)
-        r += trip
+            r += 4
     add_rows_one_by_one(x, r, r1, pivot, total, total_sq)
 
 
@@ -1106,14 +1115,20 @@ def reduce_four_rows(dy, x, y, r, mean, relu, scale, shift, sum_g, sum_g_xmu):
 @njit(inline="always", **HELPER)
 def reduce_four_row_trips(dy, x, y, mean, relu, scale, shift, lo, hi, sum_g, sum_g_xmu):
     """The trips of rows ``[lo, hi)``; returns the first row left over."""
-    hint = x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES
+    features = x.shape[1]
+    x_flat, dy_flat = x.reshape(x.size), dy.reshape(dy.size)
     r = lo
-    while r + 4 <= hi:
-        if hint:
-            prefetch_trip(x, r, 4)
-            prefetch_trip(dy, r, 4)
-        reduce_four_rows(dy, x, y, r, mean, relu, scale, shift, sum_g, sum_g_xmu)
-        r += 4
+    # hinted and plain trips in separate loops, as in sweep_short_rows
+    if features * x.itemsize <= PREFETCH_ROW_BYTES:
+        while r + 4 <= hi:
+            prefetch_trip(x_flat, r * features, 4 * features)
+            prefetch_trip(dy_flat, r * features, 4 * features)
+            reduce_four_rows(dy, x, y, r, mean, relu, scale, shift, sum_g, sum_g_xmu)
+            r += 4
+    else:
+        while r + 4 <= hi:
+            reduce_four_rows(dy, x, y, r, mean, relu, scale, shift, sum_g, sum_g_xmu)
+            r += 4
     return r
 
 
