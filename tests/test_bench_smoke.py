@@ -222,7 +222,8 @@ def test_side_by_side_streams_are_timed_in_each_groups_rounds():
     assert {r.implementation for r in rows} == {"numpy", "cpu"}    # the streams make no rows
     side = schedule.side_by_side_denominators()
     assert len(side) == 2 and all(b is not None and b.runs == 3 for b in side)
-    measure.apply_roofline(rows, schedule.finish(), side_by_side=side)
+    peaks = schedule.finish()
+    measure.apply_roofline(rows, schedule.roofline_denominators(), host_peaks=peaks)
     for row in rows:
         assert row.roofline_gb_s == side[row.bandwidth_group].roofline_gb_s
         assert row.roofline_percent == pytest.approx(

@@ -222,14 +222,14 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
             cache_bytes, progress)
         rows += section_rows
         failures += section_failures
-    host_by_group = schedule.finish()
+    host_peaks = schedule.finish()
+    host_by_group = schedule.roofline_denominators()
     results["bandwidth"] = None
     if schedule.probes:
         results["bandwidth"] = schedule.best().to_dict()
-        results["bandwidth"]["per_group_peak_gb_s"] = [b.roofline_gb_s for b in host_by_group]
-        results["bandwidth"]["per_group_roofline_gb_s"] = [
-            (timed or peak).roofline_gb_s
-            for timed, peak in zip(schedule.side_by_side_denominators(), host_by_group)]
+        results["bandwidth"]["per_group_peak_gb_s"] = [b.roofline_gb_s for b in host_peaks]
+        results["bandwidth"]["per_group_roofline_gb_s"] = [b.roofline_gb_s
+                                                           for b in host_by_group]
     results["bandwidth_probes"] = [b.to_dict() for b in schedule.probes]
     results["bandwidth_side_by_side"] = [None if b is None else b.to_dict()
                                          for b in schedule.side_by_side_denominators()]
@@ -239,8 +239,7 @@ def run(args: argparse.Namespace, argv: list[str], out: TextIO = sys.stdout,
         gpu_bandwidth = measure_gpu_bandwidth()
     results["gpu_bandwidth"] = gpu_bandwidth.to_dict() if gpu_bandwidth else None
     measure.apply_roofline(rows, host_by_group, gpu_bandwidth,
-                           machine.gpu_l2_bytes() if gpu_measured else None,
-                           schedule.side_by_side_denominators())
+                           machine.gpu_l2_bytes() if gpu_measured else None, host_peaks)
     # machine info last: the thread pools (OpenMP, torch's) are loaded by now
     results["machine"] = machine.machine_info()
     results["load_average"] = {"start": load_at_start, "end": machine.load_average()}

@@ -239,18 +239,17 @@ def add_speedups(section: Section, group_rows: list[Row]) -> None:
 def apply_roofline(rows: list[Row], host_by_group: list[Bandwidth],
                    gpu_bandwidth: Bandwidth | None = None,
                    gpu_cache_bytes: int | None = None,
-                   side_by_side: list[Bandwidth | None] | None = None) -> None:
-    """Set each roofline row's denominator and % of roofline: a host row is judged against the
-    streams timed in its group's rounds where ``side_by_side`` has them, else against the
-    best probe around its group (its peak, kept as ``peak_roofline_*`` either way); a GPU row
-    against the GPU's device memory."""
+                   host_peaks: list[Bandwidth] | None = None) -> None:
+    """Set each roofline row's denominator and % of roofline: a host row is judged against its
+    group's entry of ``host_by_group`` (``BandwidthSchedule.roofline_denominators``) and keeps
+    the % of its group's peak (``host_peaks``, default the same) as ``peak_roofline_*``; a GPU
+    row is judged against the GPU's device memory."""
     for row in rows:
         if row.bytes is None:
             continue
         if row.bandwidth_group is not None:
-            peak = host_by_group[row.bandwidth_group]
-            timed = side_by_side[row.bandwidth_group] if side_by_side else None
-            denominator = timed or peak
+            denominator = host_by_group[row.bandwidth_group]
+            peak = (host_peaks or host_by_group)[row.bandwidth_group]
             row.peak_roofline_gb_s = peak.roofline_gb_s
             row.peak_roofline_percent = roofline_percent(row.bytes, row.median_s,
                                                          peak.roofline_gb_s)

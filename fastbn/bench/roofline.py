@@ -206,6 +206,20 @@ def default_bandwidth_bytes() -> int:
     return max(MIN_BANDWIDTH_BYTES, L3_MULTIPLE * cache)
 
 
+# The read+write scale with ordinary stores, streaming ones, and streaming whole lines.
+READ_WRITE_STREAMS = (_stream_read_write, _stream_read_write_streaming, _stream_read_write_lines)
+
+
+def _stream_arrays(array_bytes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 array the streams read (of ``array_bytes``, default
+    :func:`default_bandwidth_bytes`) and the one they write."""
+    array_bytes = int(array_bytes or default_bandwidth_bytes())
+    # Distinct values on every page: pages of identical content (np.ones) may be merged by
+    # the hypervisor's same-page sharing, and reads of one shared page would hit in cache.
+    a = np.arange(max(1, array_bytes // 8), dtype=np.float64)
+    return a, np.empty_like(a)
+
+
 def _best_seconds(run, runs: int) -> float:
     run()  # compile (or load from cache) and fault in the pages, untimed
     best = math.inf
@@ -261,15 +275,10 @@ def measure_bandwidth(array_bytes: int | None = None,
     runs : int
         Timed runs after one warm-up; the best is kept (noise only ever slows a run down).
     """
-    array_bytes = int(array_bytes or default_bandwidth_bytes())
-    # Distinct values on every page: pages of identical content (np.ones) may be merged by
-    # the hypervisor's same-page sharing, and reads of one shared page would hit in cache.
-    a = np.arange(max(1, array_bytes // 8), dtype=np.float64)
-    out = np.empty_like(a)
+    a, out = _stream_arrays(array_bytes)
     read_s = _best_seconds(lambda: _stream_read(a), runs)
-    read_write_s = min(_best_seconds(lambda: stream(a, out, 0.5), runs) for stream in
-                       (_stream_read_write, _stream_read_write_streaming,
-                        _stream_read_write_lines))
+    read_write_s = min(_best_seconds(lambda: stream(a, out, 0.5), runs)
+                       for stream in READ_WRITE_STREAMS)
     return Bandwidth(read_gb_s=gb_per_s(a.nbytes, read_s),
                      read_write_gb_s=gb_per_s(2 * a.nbytes, read_write_s),
                      array_bytes=int(a.nbytes), runs=runs, threads=numba.get_num_threads())
@@ -290,11 +299,8 @@ class StreamBodies:
     """
 
     def __init__(self, array_bytes: int | None = None) -> None:
-        array_bytes = int(array_bytes or default_bandwidth_bytes())
-        a = np.arange(max(1, array_bytes // 8), dtype=np.float64)  # distinct values per page
-        out = np.empty_like(a)
-        scale = min((_stream_read_write, _stream_read_write_streaming,
-                     _stream_read_write_lines),
+        a, out = _stream_arrays(array_bytes)
+        scale = min(READ_WRITE_STREAMS,
                     key=lambda stream: _best_seconds(lambda: stream(a, out, 0.5), 3))
         self.array_bytes = int(a.nbytes)
         self.bodies = {STREAM_READ: lambda: _stream_read(a),
@@ -383,6 +389,12 @@ class BandwidthSchedule:
     def side_by_side_denominators(self) -> list[Bandwidth | None]:
         """Per group, the bandwidth timed in its own rounds, or None where none was."""
         return [self.side_by_side_bandwidth.get(g) for g in range(len(self.groups))]
+
+    def roofline_denominators(self) -> list[Bandwidth]:
+        """Per group, what its rows are judged against: the side-by-side bandwidth where it
+        was timed, else the peak (after :meth:`finish`)."""
+        return [timed or peak for timed, peak in zip(self.side_by_side_denominators(),
+                                                     self.denominators())]
 
     def best(self) -> Bandwidth:
         """The fastest rates seen in the whole run."""
