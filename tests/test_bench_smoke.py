@@ -25,9 +25,10 @@ import pytest
 
 import reference
 from fastbn.bench import cases, cli, fused, layer, measure, numpy_layer, registry, render
-from fastbn.bench.roofline import (PASS_STREAMS, PASSES, STREAM_BODIES, Bandwidth,
-                                   BandwidthSchedule, StreamBodies, bytes_moved, gb_per_s,
-                                   measure_bandwidth, memory_regime, roofline_percent)
+from fastbn.bench.roofline import (PASS_STREAMS, PASSES, STREAM_BODIES, STREAM_MIX, STREAMS,
+                                   Bandwidth, BandwidthSchedule, StreamBodies, bytes_moved,
+                                   gb_per_s, measure_bandwidth, memory_regime,
+                                   roofline_percent)
 from fastbn.bench.rows import SCHEMA, Row
 from fastbn.bench.stats import Ratio, speedup
 from fastbn.bench.targets import NO_TORCH, TARGETS, Target, compile_time_verdict, evaluate
@@ -228,6 +229,8 @@ def test_side_by_side_streams_are_timed_in_each_groups_rounds():
         assert row.roofline_gb_s == side[row.bandwidth_group].roofline_gb_s
         assert row.roofline_percent == pytest.approx(
             roofline_percent(row.bytes, row.median_s, row.roofline_gb_s))
+        assert row.ceiling_percent == pytest.approx(
+            side[row.bandwidth_group].attainable_percent(row.operation))
         assert row.peak_roofline_gb_s == 1e6
         assert row.peak_roofline_percent == pytest.approx(
             roofline_percent(row.bytes, row.median_s, 1e6))
@@ -310,12 +313,12 @@ def test_speedup_interval():
 
 # ----------------------------------------------------------------------------- targets
 def _row(implementation, operation, shape, speedups=None, roofline=None, memory=None,
-         section="pass", dtype="float32"):
+         section="pass", dtype="float32", ceiling=None):
     return Row(section=section, implementation=implementation, operation=operation,
                case="x".join(map(str, shape)), shape=tuple(shape), axis=1, layout="NC",
                dtype=dtype, median_s=1.0, min_s=1.0, q1_s=1.0, q3_s=1.0, samples=1,
-               calls_per_sample=1, roofline_percent=roofline, memory=memory,
-               speedups={k: Ratio(v) for k, v in (speedups or {}).items()})
+               calls_per_sample=1, roofline_percent=roofline, ceiling_percent=ceiling,
+               memory=memory, speedups={k: Ratio(v) for k, v in (speedups or {}).items()})
 
 
 def test_no_row_slower_than_pytorch():
@@ -330,6 +333,42 @@ def test_no_row_slower_than_pytorch():
     skipped = target.evaluate([_row("cpu", "backward", (32, 16), {"numpy": 3.0})])
     assert skipped["status"] == "SKIP" and skipped["detail"] == NO_TORCH
     assert target.evaluate([])["detail"] == "the pass section did not run"
+
+
+def test_roofline_targets_say_when_a_miss_is_under_its_ceiling():
+    """A row that misses a roofline target shows its ceiling; when every miss has a ceiling
+    under the threshold the detail says the target was out of reach. It still FAILs."""
+    target = next(t for t in TARGETS if t.metric == "roofline" and t.operations == ("moments",))
+    capped = _row("cpu", "moments", (9, 9), roofline=66.0, memory="dram", ceiling=71.0)
+    verdict = target.evaluate([capped])
+    assert verdict["status"] == "FAIL" and verdict["beyond_ceiling"] == 1
+    assert "66 % (ceiling 71 %)" in verdict["detail"]
+    assert "so the target was out of reach in this run" in verdict["detail"]
+    reachable = _row("cpu", "moments", (8, 8), roofline=70.0, memory="dram", ceiling=95.0)
+    verdict = target.evaluate([capped, reachable])
+    assert verdict["status"] == "FAIL" and verdict["beyond_ceiling"] == 1
+    assert "1 of them have a ceiling under the target" in verdict["detail"]
+    assert "out of reach" not in verdict["detail"]
+    unknown = _row("cpu", "moments", (7, 7), roofline=70.0, memory="dram")
+    verdict = target.evaluate([unknown])
+    assert verdict["beyond_ceiling"] == 0 and "ceiling" not in verdict["detail"]
+    passed = _row("cpu", "moments", (6, 6), roofline=90.0, memory="dram", ceiling=80.0)
+    assert target.evaluate([passed])["status"] == "PASS"
+
+
+def test_stream_mix_adds_up_to_each_operations_streams():
+    assert set(STREAM_MIX) == set(STREAMS)
+    for operation, (reads, pairs) in STREAM_MIX.items():
+        assert reads + 2 * pairs == STREAMS[operation], operation
+
+
+def test_ceiling_of_a_fused_step_counts_its_reads_at_the_read_rate():
+    b = Bandwidth(read_gb_s=35.0, read_write_gb_s=50.0, array_bytes=1, runs=1, threads=1)
+    # bn-relu-step: 4 reads and 2 read+write pairs, 8 streams, judged against 50 GB/s
+    assert b.attainable_percent("bn-relu-step") == pytest.approx(
+        100 * (8 / 50) / (4 / 35 + 4 / 50))
+    assert b.attainable_percent("moments") == pytest.approx(70.0)
+    assert set(b.to_dict()["attainable_percent"]) == set(STREAMS)
 
 
 def test_dram_roofline_targets_ignore_cache_resident_rows():
@@ -405,12 +444,15 @@ def test_row_round_trips_through_json():
 
 
 def test_console_table_flags_rows_slower_than_pytorch():
-    rows = [_row("cpu", "backward", (4, 3), {"torch": 0.5}, roofline=50.0, memory="cache"),
-            _row("cpu", "moments", (4, 3), {"torch": 2.0}, roofline=90.0, memory="dram")]
+    rows = [_row("cpu", "backward", (4, 3), {"torch": 0.5}, roofline=50.0, memory="cache",
+                 ceiling=77.0),
+            _row("cpu", "moments", (4, 3), {"torch": 2.0}, roofline=90.0, memory="dram",
+                 ceiling=71.0)]
     rows[0].bytes = rows[1].bytes = 1
     lines = render.format_table(rows).splitlines()
-    assert render.SLOWER_FLAG in lines[2] and "cache" in lines[2]
-    assert render.SLOWER_FLAG not in lines[3] and "90 %" in lines[3]
+    assert "% ceiling" in lines[0]
+    assert render.SLOWER_FLAG in lines[2] and "cache" in lines[2] and "77 %" not in lines[2]
+    assert render.SLOWER_FLAG not in lines[3] and "90 %" in lines[3] and "71 %" in lines[3]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -480,6 +522,7 @@ def test_report_cli_end_to_end(tmp_path):
             row.bytes, row.median_s, row.roofline_gb_s))
         peaks = results["bandwidth"]["per_group_peak_gb_s"]
         assert row.peak_roofline_gb_s == peaks[row.bandwidth_group]
+        assert 0.0 < row.ceiling_percent <= 100.0 + 1e-9
         if row.implementation == "cpu":
             assert row.speedups["numpy"].low is not None
     fused_rows = [r for r in rows if r.section == "fused"]
@@ -489,7 +532,8 @@ def test_report_cli_end_to_end(tmp_path):
     layer_rows = [r for r in rows if r.section == "layer"]
     assert {r.implementation for r in layer_rows} >= {"fastbn", "numpy-layer"}
     assert all(r.samples == 20 and r.bytes is None for r in layer_rows)
-    assert "% roofline" in text and "% peak" in text and "pass cuda rows skipped" in text and "SKIP" in text
+    assert "% roofline" in text and "% ceiling" in text and "% peak" in text
+    assert "pass cuda rows skipped" in text and "SKIP" in text
     if all(r.implementation != "torch" for r in rows):
         assert NO_TORCH in text
 

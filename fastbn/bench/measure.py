@@ -240,10 +240,10 @@ def apply_roofline(rows: list[Row], host_by_group: list[Bandwidth],
                    gpu_bandwidth: Bandwidth | None = None,
                    gpu_cache_bytes: int | None = None,
                    host_peaks: list[Bandwidth] | None = None) -> None:
-    """Set each roofline row's denominator and % of roofline: a host row is judged against its
-    group's entry of ``host_by_group`` (``BandwidthSchedule.roofline_denominators``) and keeps
-    the % of its group's peak (``host_peaks``, default the same) as ``peak_roofline_*``; a GPU
-    row is judged against the GPU's device memory."""
+    """Set each roofline row's denominator, % of roofline and ceiling: a host row is judged
+    against its group's entry of ``host_by_group`` (``BandwidthSchedule.roofline_denominators``)
+    and keeps the % of its group's peak (``host_peaks``, default the same) as
+    ``peak_roofline_*``; a GPU row is judged against the GPU's device memory."""
     for row in rows:
         if row.bytes is None:
             continue
@@ -260,6 +260,7 @@ def apply_roofline(rows: list[Row], host_by_group: list[Bandwidth],
             continue
         row.roofline_gb_s = denominator.roofline_gb_s
         row.roofline_percent = roofline_percent(row.bytes, row.median_s, row.roofline_gb_s)
+        row.ceiling_percent = denominator.attainable_percent(row.operation)
 
 
 def _streams(row: Row) -> int:

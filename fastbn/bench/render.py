@@ -38,6 +38,14 @@ def roofline_text(row: Row, peak: bool = False) -> str:
     return f"{percent:.0f} %"
 
 
+def ceiling_text(row: Row) -> str:
+    """The % of roofline the row's operation could reach at its streams' rates ("-" for
+    cache-resident rows, which are not judged against the DRAM roofline)."""
+    if row.ceiling_percent is None or row.memory == "cache":
+        return "-"
+    return f"{row.ceiling_percent:.0f} %"
+
+
 def _ratio_text(ratio: Ratio | None) -> str:
     return "-" if ratio is None else ratio.text()
 
@@ -50,14 +58,17 @@ def format_table(rows: list[Row]) -> str:
               + [f"vs {REFERENCE_LABELS.get(k, k)}" for k in keys])
     has_roofline = any(r.bytes is not None for r in rows)
     has_peak = any(r.peak_roofline_percent is not None for r in rows)
+    has_ceiling = any(r.ceiling_percent is not None for r in rows)
     if has_roofline:
-        header += ["GB/s", "% roofline"] + (["% peak"] if has_peak else [])
+        header += (["GB/s", "% roofline"] + (["% ceiling"] if has_ceiling else [])
+                   + (["% peak"] if has_peak else []))
     cells = [header]
     for r in rows:
         line = [r.implementation, r.operation, r.label, r.dtype, format_seconds(r.median_s)]
         line += [_ratio_text(r.speedups.get(k)) for k in keys]
         if has_roofline:
             line += ["-" if r.gb_per_s is None else f"{r.gb_per_s:.1f}", roofline_text(r)]
+            line += [ceiling_text(r)] if has_ceiling else []
             line += [roofline_text(r, peak=True)] if has_peak else []
         line.append(SLOWER_FLAG if slower_than_torch(r) else "")
         cells.append(line)

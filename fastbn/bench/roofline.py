@@ -64,13 +64,20 @@ CACHE_RESIDENT_FACTOR = 2
 DRAM_FACTOR = 8
 MEMORY_REGIMES: tuple[str, ...] = ("cache", "mixed", "dram")
 
-# The same streams as (read-only streams, read+write pairs), to say how close to the roofline a
-# pass can get on this machine: writes stream slower than reads.
-PASS_MIX: dict[str, tuple[int, int]] = {
+# The same streams as (read-only streams, read+write pairs), to say how close to the roofline
+# each operation can get on this machine: the roofline is the faster of the two streams, and
+# the other one bounds the operation's share of that kind of traffic (on the 2-core VM reads
+# alone streamed at 0.7x the read+write rate on 2026-12-07, so a read-only pass could reach
+# about 70 % of the roofline at best).
+STREAM_MIX: dict[str, tuple[int, int]] = {
     "forward-train": (1, 1),
     "forward-eval": (0, 1),
     "backward": (3, 1),
     "moments": (1, 0),
+    "bn-relu-step": (1 + 3, 1 + 1),
+    "bn-relu-eval": (0, 1),
+    "bn-add-relu-step": (2 + 4, 1 + 2),     # + the residual's read; + d(residual)'s write
+    "bn-add-relu-eval": (1, 1),
 }
 
 DEFAULT_BANDWIDTH_RUNS = 15
@@ -181,11 +188,11 @@ class Bandwidth:
         return "read" if self.read_gb_s >= self.read_write_gb_s else "read+write"
 
     def attainable_percent(self, operation: str) -> float:
-        """% of roofline a pass would reach streaming its reads at the read rate and its
-        read+write pairs at the read+write rate: the practical ceiling on this machine."""
-        reads, pairs = PASS_MIX[operation]
+        """% of roofline an operation would reach streaming its reads at the read rate and its
+        read+write pairs at the read+write rate: its ceiling at these rates."""
+        reads, pairs = STREAM_MIX[operation]
         best_time = reads / self.read_gb_s + 2 * pairs / self.read_write_gb_s
-        return 100.0 * (PASS_STREAMS[operation] / self.roofline_gb_s) / best_time
+        return 100.0 * (STREAMS[operation] / self.roofline_gb_s) / best_time
 
     def best_with(self, other: "Bandwidth") -> "Bandwidth":
         """The faster of two measurements of each stream (noise only ever slows one down)."""
@@ -197,7 +204,7 @@ class Bandwidth:
     def to_dict(self) -> dict:
         return {**asdict(self), "roofline_gb_s": self.roofline_gb_s,
                 "roofline_source": self.roofline_source,
-                "attainable_percent": {op: self.attainable_percent(op) for op in PASSES}}
+                "attainable_percent": {op: self.attainable_percent(op) for op in STREAMS}}
 
 
 def default_bandwidth_bytes() -> int:

@@ -29,6 +29,8 @@ class Row:
     faster this row is than it (the reference's median over this row's median, with a 95 %
     bootstrap interval): ``"numpy"`` (naive NumPy), ``"torch"`` (PyTorch on the same device),
     ``"numpy-layer"`` (the CS231n-style layer), ``"unfused"`` (fastbn BN, then NumPy add/ReLU).
+    ``ceiling_percent`` is the % of roofline the operation could reach at the same streams'
+    rates (:meth:`fastbn.bench.roofline.Bandwidth.attainable_percent`).
     ``memory`` is the pass's regime (``"cache"``, ``"mixed"``, ``"dram"``; see
     :func:`fastbn.bench.roofline.memory_regime`) or None where the roofline does not apply.
     """
@@ -52,6 +54,7 @@ class Row:
     bandwidth_group: int | None = None
     roofline_gb_s: float | None = None
     roofline_percent: float | None = None
+    ceiling_percent: float | None = None
     peak_roofline_gb_s: float | None = None
     peak_roofline_percent: float | None = None
     memory: str | None = None

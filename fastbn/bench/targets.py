@@ -65,15 +65,34 @@ class Target:
         if not measured:
             return {**verdict, "status": "SKIP", "value": None, "detail": self._why_none(rows)}
         worst_row, worst = min(measured, key=lambda rv: rv[1])
-        misses = [f"{r.implementation} {r.operation} {r.label} {r.dtype} {_value_text(self, v)}"
-                  for r, v in measured if v < self.threshold]
+        missed = [(r, v) for r, v in measured if v < self.threshold]
+        misses = [f"{r.implementation} {r.operation} {r.label} {r.dtype} "
+                  f"{_value_text(self, v)}{self._ceiling_text(r)}" for r, v in missed]
+        beyond = [r for r, _ in missed if self.beyond_ceiling(r)]
         detail = (f"worst {_value_text(self, worst)} ({worst_row.implementation} "
                   f"{worst_row.operation} {worst_row.label} {worst_row.dtype}) over "
                   f"{len(measured)} rows")
         if misses:
             detail += f"; {len(misses)} below: " + "; ".join(misses)
+        if beyond and len(beyond) == len(missed):
+            detail += ("; every row below has a ceiling under the target at its own streams' "
+                       "rates, so the target was out of reach in this run")
+        elif beyond:
+            detail += (f"; {len(beyond)} of them have a ceiling under the target at their own "
+                       "streams' rates")
         return {**verdict, "status": "FAIL" if misses else "PASS", "value": worst,
-                "detail": detail}
+                "beyond_ceiling": len(beyond), "detail": detail}
+
+    def beyond_ceiling(self, row: Row) -> bool:
+        """Whether the row could not meet a roofline target even at its streams' own rates:
+        its operation's ceiling (``Row.ceiling_percent``) is under the threshold."""
+        return (self.metric == "roofline" and row.ceiling_percent is not None
+                and row.ceiling_percent < self.threshold)
+
+    def _ceiling_text(self, row: Row) -> str:
+        if self.metric != "roofline" or row.ceiling_percent is None:
+            return ""
+        return f" (ceiling {row.ceiling_percent:.0f} %)"
 
 
 def _value_text(target: Target, value: float) -> str:
