@@ -1340,15 +1340,47 @@ def residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual):
                                           coefficients[1, c], dresidual)
 
 
-@njit(**HELPER)
-def backward_elementwise_items_channels_last(dy, x, y, relu, coefficients, lo, hi, dx,
-                                             dresidual):
-    if dresidual is not None:
-        residual_gradient_rows(dy, x, y, relu, coefficients, lo, hi, dresidual)
+@njit(inline="always", **HELPER)
+def backward_dx_rows(dy, x, y, relu, coefficients, lo, hi, dx):
+    """``dx`` of rows ``[lo, hi)``."""
     for r in range(lo, hi):
         for c in range(x.shape[1]):
             backward_element(dy, x, y, (r, c), relu, coefficients[0, c], coefficients[1, c],
                              coefficients[2, c], coefficients[3, c], coefficients[4, c], dx)
+
+
+# The same loop compiled out of line, for the blocks below: inlined beside the residual loop
+# it lost the blocks' gain (measured side by side at (802816, 64): 1.08x and 0.99x against
+# 1.25x and 1.13x), and called out of line without a residual the pass was 4-10 % slower at
+# training sizes ((256, 64) float32, (64, 128) float64).
+backward_dx_block = njit(**HELPER)(backward_dx_rows.py_func)
+
+# With a residual gradient, a thread's rows go in blocks of about RESIDUAL_BLOCK_BYTES of each
+# array: the block's residual gradient, then its dx, so that the dx loop finds dy and y in
+# cache. Over the thread's whole range at once, a DRAM-sized tensor's dy and y were read from
+# memory twice (side by side, 2 threads, ReLU and y: the elementwise pass 1.03x at (32768,
+# 1024) float32, 1.13x at (802816, 64) float32, 1.05-1.25x at (802816, 64) float64).
+RESIDUAL_BLOCK_BYTES = 32768
+
+
+@njit(**HELPER)
+def backward_elementwise_rows_with_residual(dy, x, y, relu, coefficients, lo, hi, dx,
+                                            dresidual):
+    block = max(1, RESIDUAL_BLOCK_BYTES // (x.shape[1] * x.itemsize))
+    for r0 in range(lo, hi, block):
+        r1 = min(r0 + block, hi)
+        residual_gradient_rows(dy, x, y, relu, coefficients, r0, r1, dresidual)
+        backward_dx_block(dy, x, y, relu, coefficients, r0, r1, dx)
+
+
+@njit(**HELPER)
+def backward_elementwise_items_channels_last(dy, x, y, relu, coefficients, lo, hi, dx,
+                                             dresidual):
+    if dresidual is None:
+        backward_dx_rows(dy, x, y, relu, coefficients, lo, hi, dx)
+    else:
+        backward_elementwise_rows_with_residual(dy, x, y, relu, coefficients, lo, hi, dx,
+                                                dresidual)
 
 
 @threaded_and_serial
